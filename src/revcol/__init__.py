@@ -1,0 +1,41 @@
+"""RevCol (Reversible Column Networks) backbones for PyTorch and Ultralytics.
+
+``import revcol`` also registers the backbones with Ultralytics (see ``revcol.register``).
+"""
+
+from revcol.model import ConvNextBlock, FullNet, Fusion, Level, SubNet, UpSample
+from revcol.pretrained import CheckpointError, LoadResult, load_pretrained
+from revcol.reversible import ReverseFunction
+from revcol.variants import (
+    VARIANTS,
+    VariantSpec,
+    build_variant,
+    revcol_base,
+    revcol_large,
+    revcol_small,
+    revcol_tiny,
+    revcol_xlarge,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "VARIANTS",
+    "CheckpointError",
+    "ConvNextBlock",
+    "FullNet",
+    "Fusion",
+    "Level",
+    "LoadResult",
+    "ReverseFunction",
+    "SubNet",
+    "UpSample",
+    "VariantSpec",
+    "build_variant",
+    "load_pretrained",
+    "revcol_base",
+    "revcol_large",
+    "revcol_small",
+    "revcol_tiny",
+    "revcol_xlarge",
+]

@@ -1,0 +1,281 @@
+"""RevCol network modules (design section 1).
+
+Attribute names (``stem``, ``subnet{i}``, ``alpha{l}``, ``level{l}``, ``fusion.down``,
+``fusion.up.channel_reschedule``, ``blocks``, ``dwconv``, ``norm``, ``pwconv1``, ``pwconv2``,
+``gamma``) are fixed by the authors' ImageNet checkpoints; everything around them is ours.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, LayerNorm, LayerNorm2d, trunc_normal_
+from torch import nn
+
+from revcol.reversible import ReverseFunction
+
+NUM_LEVELS = 4
+ALPHA_BOUND = 1e-3
+LAYER_SCALE_INIT = 1e-6
+NORM_EPS = 1e-6
+
+Features = list[torch.Tensor]
+
+
+class ConvNextBlock(nn.Module):
+    """ConvNeXt block: depthwise conv, channels-last LayerNorm + MLP, layer scale, drop-path."""
+
+    def __init__(self, dim: int, kernel_size: int = 3, drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        self.norm = LayerNorm(dim, eps=NORM_EPS)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(torch.full((dim,), LAYER_SCALE_INIT))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.dwconv(x).permute(0, 2, 3, 1)
+        y = self.pwconv2(self.act(self.pwconv1(self.norm(y)))) * self.gamma
+        return x + self.drop_path(y.permute(0, 3, 1, 2))
+
+
+class UpSample(nn.Module):
+    """Channel projection of the coarser level (channels-last Linear + LayerNorm), then nearest ×2."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.channel_reschedule = nn.Sequential(
+            nn.Linear(in_channels, out_channels), LayerNorm(out_channels, eps=NORM_EPS)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.channel_reschedule(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+
+
+class Fusion(nn.Module):
+    """Merges the finer level of this column (``down``) with the coarser level of the previous one (``up``)."""
+
+    def __init__(self, level: int, channels: Sequence[int], first_column: bool) -> None:
+        super().__init__()
+        if level == 0:
+            self.down: nn.Module = nn.Identity()
+        else:
+            self.down = nn.Sequential(
+                nn.Conv2d(channels[level - 1], channels[level], kernel_size=2, stride=2),
+                LayerNorm2d(channels[level], eps=NORM_EPS),
+            )
+        has_up = not first_column and level < NUM_LEVELS - 1
+        self.up = UpSample(channels[level + 1], channels[level]) if has_up else None
+
+    def forward(self, c_down: torch.Tensor, c_up: torch.Tensor | None) -> torch.Tensor:
+        out = self.down(c_down)
+        if self.up is not None:
+            out = out + self.up(c_up)
+        return out
+
+
+class Level(nn.Module):
+    """One resolution of a column: a ``Fusion`` followed by ConvNeXt blocks."""
+
+    def __init__(
+        self,
+        level: int,
+        channels: Sequence[int],
+        depth: int,
+        kernel_size: int,
+        drop_path_rates: Sequence[float],
+        first_column: bool,
+    ) -> None:
+        super().__init__()
+        self.fusion = Fusion(level, channels, first_column)
+        self.blocks = nn.Sequential(
+            *(ConvNextBlock(channels[level], kernel_size, rate) for rate in drop_path_rates[:depth])
+        )
+
+    def forward(self, c_down: torch.Tensor, c_up: torch.Tensor | None) -> torch.Tensor:
+        return self.blocks(self.fusion(c_down, c_up))
+
+
+def bounded_alpha(alpha: torch.Tensor) -> torch.Tensor:
+    """``alpha`` moved to ``|alpha| >= ALPHA_BOUND`` (zero counts as positive), gradient passed straight through.
+
+    This replaces the authors' in-place clamp of the parameter: the value the column uses is the
+    same, but the parameter is never edited, so inference and ONNX export see plain ops.
+    """
+    safe = torch.where(alpha >= 0, alpha.clamp(min=ALPHA_BOUND), alpha.clamp(max=-ALPHA_BOUND))
+    return alpha + (safe - alpha).detach()
+
+
+class SubNet(nn.Module):
+    """One column: four ``Level``s joined by the reversible update ``c_l' = L_l(c_{l-1}', c_{l+1}) + alpha_l c_l``."""
+
+    def __init__(
+        self,
+        channels: Sequence[int],
+        layers: Sequence[int],
+        kernel_size: int,
+        drop_path_rates: Sequence[float],
+        first_column: bool,
+    ) -> None:
+        super().__init__()
+        self.first_column = first_column
+        offsets = [sum(layers[:level]) for level in range(NUM_LEVELS)]
+        for level in range(NUM_LEVELS):
+            self.register_parameter(f"alpha{level}", nn.Parameter(torch.full((1, channels[level], 1, 1), 0.5)))
+            rates = drop_path_rates[offsets[level] : offsets[level] + layers[level]]
+            self.add_module(
+                f"level{level}", Level(level, channels, layers[level], kernel_size, rates, first_column)
+            )
+
+    @property
+    def levels(self) -> list[Level]:
+        return [getattr(self, f"level{level}") for level in range(NUM_LEVELS)]
+
+    @property
+    def alphas(self) -> list[nn.Parameter]:
+        return [getattr(self, f"alpha{level}") for level in range(NUM_LEVELS)]
+
+    def forward(self, x: torch.Tensor, previous: Features | None, reversible: bool = False) -> Features:
+        """Run the column on stem output ``x`` and the previous column's outputs (None for the first)."""
+        alphas = [bounded_alpha(alpha) for alpha in self.alphas]
+        if reversible:
+            return ReverseFunction.apply_column(self, x, previous, alphas)
+        return self.forward_levels(x, previous, alphas)
+
+    def forward_levels(
+        self,
+        x: torch.Tensor,
+        previous: Features | None,
+        alphas: Sequence[torch.Tensor],
+        before_level=None,
+    ) -> Features:
+        """The column's math with plain autograd; ``before_level(l)`` runs before each level (RNG capture)."""
+        outputs: Features = []
+        for level, (module, alpha) in enumerate(zip(self.levels, alphas)):
+            if before_level is not None:
+                before_level(level)
+            c_down = x if level == 0 else outputs[-1]
+            c_up = previous[level + 1] if previous is not None and level < NUM_LEVELS - 1 else None
+            out = module(c_down, c_up)
+            if previous is not None:
+                out = out + alpha * previous[level]
+            elif alpha.requires_grad and torch.is_grad_enabled():
+                # The first column multiplies alpha by zeros; keeping it in the graph gives it a zero
+                # gradient, which DDP(find_unused_parameters=False) needs from every parameter.
+                out = out + alpha * 0
+            outputs.append(out)
+        return outputs
+
+
+def _check_int_list(name: str, value: Sequence[int]) -> tuple[int, ...]:
+    if (
+        not isinstance(value, Sequence)
+        or isinstance(value, str)
+        or len(value) != NUM_LEVELS
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    ):
+        raise ValueError(f"{name} must be {NUM_LEVELS} positive ints (one per level), got {value!r}")
+    return tuple(value)
+
+
+class FullNet(nn.Module):
+    """RevCol backbone: a patchify stem and ``num_subnet`` reversible columns.
+
+    ``forward(x)`` returns the last column's ``[c0, c1, c2, c3]`` at strides 4, 8, 16, 32.
+    With ``save_memory=True`` training goes through ``ReverseFunction``, which keeps no level
+    activations and recomputes them in backward; evaluation always runs the plain forward.
+    """
+
+    def __init__(
+        self,
+        channels: Sequence[int],
+        layers: Sequence[int],
+        num_subnet: int,
+        kernel_size: int = 3,
+        drop_path: float = 0.0,
+        save_memory: bool = True,
+    ) -> None:
+        super().__init__()
+        channels = _check_int_list("channels", channels)
+        layers = _check_int_list("layers", layers)
+        if not isinstance(num_subnet, int) or isinstance(num_subnet, bool) or num_subnet < 1:
+            raise ValueError(f"num_subnet must be an int >= 1, got {num_subnet!r}")
+        if not isinstance(kernel_size, int) or isinstance(kernel_size, bool) or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
+        if not isinstance(drop_path, (int, float)) or isinstance(drop_path, bool) or not 0 <= drop_path < 1:
+            raise ValueError(f"drop_path must be a number in [0, 1), got {drop_path!r}")
+
+        self.channels, self.layers, self.num_subnet = channels, layers, num_subnet
+        self.kernel_size, self.drop_path, self.save_memory = kernel_size, float(drop_path), bool(save_memory)
+        self.width_list = list(channels)
+        self.feature_info = [
+            {"num_chs": c, "reduction": 4 * 2**level, "module": f"subnet{num_subnet - 1}.level{level}"}
+            for level, c in enumerate(channels)
+        ]
+
+        # Modules are created on the meta device so their default (kaiming) initialisation is skipped;
+        # init_weights() below is then the only initialisation, on the device the caller asked for.
+        device = torch.get_default_device()
+        rates = torch.linspace(0, self.drop_path, sum(layers), device="cpu").tolist()
+        with torch.device("meta"):
+            self.stem = nn.Sequential(
+                nn.Conv2d(3, channels[0], kernel_size=4, stride=4), LayerNorm2d(channels[0], eps=NORM_EPS)
+            )
+            for index in range(num_subnet):
+                self.add_module(f"subnet{index}", SubNet(channels, layers, kernel_size, rates, index == 0))
+        self.to_empty(device=device)
+        self.init_weights()
+
+    @property
+    def subnets(self) -> list[SubNet]:
+        return [getattr(self, f"subnet{index}") for index in range(self.num_subnet)]
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise as the paper: trunc-normal(0.02) conv/linear weights, unit norms, alpha 0.5, gamma 1e-6."""
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, ConvNextBlock):
+                module.gamma.fill_(LAYER_SCALE_INIT)
+            elif isinstance(module, SubNet):
+                for alpha in module.alphas:
+                    alpha.fill_(0.5)
+
+    def forward_features(self, x: torch.Tensor) -> Features:
+        """Feature maps ``[c0, c1, c2, c3]`` of the last column."""
+        if not torch.jit.is_tracing():
+            check_input(x)
+        reversible = self.save_memory and self.training and torch.is_grad_enabled()
+        x = self.stem(x)
+        features = None
+        for subnet in self.subnets:
+            features = subnet(x, features, reversible=reversible)
+        return features
+
+    def forward(self, x: torch.Tensor) -> Features:
+        return self.forward_features(x)
+
+
+def check_input(x: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless ``x`` is an (N, 3, H, W) tensor with H and W multiples of 32."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"RevCol expects a torch.Tensor of shape (N, 3, H, W), got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"RevCol expects a 4-D tensor (N, 3, H, W), got shape {tuple(x.shape)}")
+    if x.shape[1] != 3:
+        raise ValueError(f"RevCol expects 3 input channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+    height, width = x.shape[-2:]
+    if height % 32 or width % 32:
+        raise ValueError(
+            f"RevCol needs H and W to be multiples of 32 (its coarsest level has stride 32), got {height}x{width}"
+        )

@@ -1,0 +1,173 @@
+"""The reversible backward of a RevCol column (design section 2).
+
+Forward keeps only the column's stem input ``x`` and its four outputs. Backward walks the levels
+from 3 to 0: it recomputes ``F_l = L_l(c_{l-1}', c_{l+1})`` with gradients on, recovers the
+previous column's ``c_l = (c_l' - F_l) / alpha_l`` from it, and backpropagates through ``F_l``.
+
+Every parameter the column uses is an explicit input of the Function and gets its gradient as a
+return value (computed with ``torch.autograd.grad``), never by accumulating into ``.grad`` from
+inside backward. The autograd graph therefore sees which parameters the forward used, which is
+what ``DistributedDataParallel(find_unused_parameters=True)`` relies on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from revcol.model import SubNet
+
+NUM_LEVELS = 4
+
+
+class _RngState:
+    """CPU (and CUDA, for CUDA inputs) generator state, so drop-path masks replay exactly."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    @contextlib.contextmanager
+    def replay(self) -> Iterator[None]:
+        devices = [self.device] if self.cuda is not None else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(self.cpu)
+            if self.cuda is not None:
+                torch.cuda.set_rng_state(self.cuda, self.device)
+            yield
+
+
+class _AutocastState:
+    """The autocast state in force during forward, re-entered for the recompute in backward."""
+
+    def __init__(self, device_type: str) -> None:
+        self.device_type = device_type
+        self.enabled = torch.is_autocast_enabled(device_type)
+        self.dtype = torch.get_autocast_dtype(device_type)
+
+    def context(self) -> torch.autocast:
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
+
+
+def _uses_drop_path(subnet: SubNet) -> bool:
+    return subnet.training and any(
+        getattr(module, "drop_prob", 0.0) > 0 for module in subnet.modules() if module is not subnet
+    )
+
+
+class ReverseFunction(torch.autograd.Function):
+    """Runs one column without keeping level activations; backward reconstructs and recomputes them.
+
+    ``apply`` inputs: the ``SubNet``, the level parameter counts, ``x``, the previous column's four
+    outputs (``None`` for the first column), the four (bounded) alphas, then every level parameter
+    that requires grad. Use ``ReverseFunction.apply_column`` rather than ``apply``.
+    """
+
+    @staticmethod
+    def apply_column(
+        subnet: SubNet, x: torch.Tensor, previous: Sequence[torch.Tensor] | None, alphas: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Run ``subnet`` through the Function; returns its four outputs."""
+        params = [[p for p in level.parameters() if p.requires_grad] for level in subnet.levels]
+        inputs = list(previous) if previous is not None else [None] * NUM_LEVELS
+        flat = [p for level_params in params for p in level_params]
+        outputs = ReverseFunction.apply(subnet, [len(p) for p in params], x, *inputs, *alphas, *flat)
+        return list(outputs)
+
+    @staticmethod
+    def forward(ctx: Any, subnet: SubNet, counts: list[int], x: torch.Tensor, *tensors: torch.Tensor):
+        previous = tensors[:NUM_LEVELS]
+        alphas = tensors[NUM_LEVELS : 2 * NUM_LEVELS]
+        params = tensors[2 * NUM_LEVELS :]
+        first_column = previous[0] is None
+
+        rng_states: list[_RngState] = []
+        record_rng = _uses_drop_path(subnet)
+
+        def before_level(level: int) -> None:
+            if record_rng:
+                rng_states.append(_RngState(x.device))
+
+        outputs = subnet.forward_levels(x, None if first_column else list(previous), alphas, before_level)
+
+        ctx.subnet, ctx.counts, ctx.first_column = subnet, counts, first_column
+        ctx.rng_states = rng_states
+        ctx.autocast = _AutocastState(x.device.type)
+        ctx.param_versions = [p._version for p in params]
+        ctx.params = params
+        ctx.save_for_backward(x, *outputs, *alphas)
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: torch.Tensor | None):
+        x, *rest = ctx.saved_tensors
+        outputs, alphas = rest[:NUM_LEVELS], rest[NUM_LEVELS:]
+        subnet: SubNet = ctx.subnet
+        params = ctx.params
+        if any(p._version != v for p, v in zip(params, ctx.param_versions)):
+            raise RuntimeError(
+                f"RevCol: a parameter of {type(subnet).__name__} was modified in place between forward and "
+                "backward (e.g. optimizer.step() before backward). The reversible backward recomputes the "
+                "forward and would give wrong gradients; call backward first, or build with save_memory=False."
+            )
+        grads = [g if g is not None else torch.zeros_like(o) for g, o in zip(grad_outputs, outputs)]
+        grad_x = None
+        grad_previous: list[torch.Tensor | None] = [None] * NUM_LEVELS
+        grad_alphas: list[torch.Tensor | None] = [None] * NUM_LEVELS
+        grad_params: list[torch.Tensor | None] = [None] * len(params)
+        starts = [sum(ctx.counts[:level]) for level in range(NUM_LEVELS)]
+        needs_x = ctx.needs_input_grad[2]
+        reconstructed: list[torch.Tensor | None] = [None] * NUM_LEVELS
+
+        levels = subnet.levels
+        for level in reversed(range(NUM_LEVELS)):
+            level_params = params[starts[level] : starts[level] + ctx.counts[level]]
+            c_down = (x if level == 0 else outputs[level - 1]).detach()
+            c_down.requires_grad_(level > 0 or needs_x)
+            c_up = None
+            if not ctx.first_column and level < NUM_LEVELS - 1:
+                c_up = reconstructed[level + 1].requires_grad_()
+            replay = ctx.rng_states[level].replay() if ctx.rng_states else contextlib.nullcontext()
+            with torch.enable_grad(), ctx.autocast.context(), replay:
+                f = levels[level](c_down, c_up)
+
+            grad = grads[level]
+            if ctx.first_column:
+                grad_alphas[level] = torch.zeros_like(alphas[level])
+            else:
+                with torch.no_grad():
+                    previous = (outputs[level] - f) / alphas[level]
+                    reconstructed[level] = previous
+                    grad_alphas[level] = (grad * previous).sum(dim=(0, 2, 3), keepdim=True).to(alphas[level].dtype)
+                    grad_previous[level] = _add(grad_previous[level], grad * alphas[level])
+
+            wrt = [t for t in (c_down, c_up) if t is not None and t.requires_grad] + list(level_params)
+            results = torch.autograd.grad(f, wrt, grad.to(f.dtype), allow_unused=True)
+            results = list(results)
+            if c_down.requires_grad:
+                grad_down = results.pop(0)
+                if level == 0:
+                    grad_x = grad_down
+                else:
+                    grads[level - 1] = _add(grads[level - 1], grad_down)
+            if c_up is not None:
+                grad_previous[level + 1] = _add(grad_previous[level + 1], results.pop(0))
+            for offset, g in enumerate(results):
+                grad_params[starts[level] + offset] = g
+            del f
+
+        if ctx.first_column:
+            grad_previous = [None] * NUM_LEVELS
+        ctx.rng_states = None
+        return (None, None, grad_x, *grad_previous, *grad_alphas, *grad_params)
+
+
+def _add(total: torch.Tensor | None, value: torch.Tensor | None) -> torch.Tensor | None:
+    if value is None:
+        return total
+    return value if total is None else total + value

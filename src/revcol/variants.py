@@ -1,0 +1,84 @@
+"""The five ImageNet configurations of the paper (design section 3), declared as data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from revcol.model import FullNet
+from revcol.pretrained import load_pretrained
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """Channels and depths per level, number of columns and default drop-path rate of a variant."""
+
+    channels: tuple[int, int, int, int]
+    layers: tuple[int, int, int, int]
+    num_subnet: int
+    drop_path: float
+
+
+VARIANTS: dict[str, VariantSpec] = {
+    "revcol_tiny": VariantSpec((64, 128, 256, 512), (2, 2, 4, 2), 4, 0.1),
+    "revcol_small": VariantSpec((64, 128, 256, 512), (2, 2, 4, 2), 8, 0.3),
+    "revcol_base": VariantSpec((72, 144, 288, 576), (1, 1, 3, 2), 16, 0.4),
+    "revcol_large": VariantSpec((128, 256, 512, 1024), (1, 2, 6, 2), 8, 0.5),
+    "revcol_xlarge": VariantSpec((224, 448, 896, 1792), (1, 2, 6, 2), 8, 0.5),
+}
+
+
+def get_variant(name: str) -> VariantSpec:
+    """The spec of variant ``name``; ``ValueError`` listing the known names otherwise."""
+    try:
+        return VARIANTS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown RevCol variant {name!r}; known variants: {', '.join(VARIANTS)}") from None
+
+
+def build_variant(
+    name: str,
+    *,
+    pretrained: str | Path | None = None,
+    save_memory: bool = True,
+    drop_path: float | None = None,
+    kernel_size: int = 3,
+) -> FullNet:
+    """Build variant ``name``; ``drop_path=None`` uses the paper's rate, ``pretrained`` a checkpoint path."""
+    spec = get_variant(name)
+    model = FullNet(
+        spec.channels,
+        spec.layers,
+        spec.num_subnet,
+        kernel_size=kernel_size,
+        drop_path=spec.drop_path if drop_path is None else drop_path,
+        save_memory=save_memory,
+    )
+    if pretrained is not None:
+        load_pretrained(model, pretrained)
+    return model
+
+
+def revcol_tiny(**kwargs) -> FullNet:
+    """RevCol-T: C 64-512, D 2-2-4-2, 4 columns (29.9 M params). Keywords as ``build_variant``."""
+    return build_variant("revcol_tiny", **kwargs)
+
+
+def revcol_small(**kwargs) -> FullNet:
+    """RevCol-S: C 64-512, D 2-2-4-2, 8 columns (60.1 M params). Keywords as ``build_variant``."""
+    return build_variant("revcol_small", **kwargs)
+
+
+def revcol_base(**kwargs) -> FullNet:
+    """RevCol-B: C 72-576, D 1-1-3-2, 16 columns (138.0 M params). Keywords as ``build_variant``."""
+    return build_variant("revcol_base", **kwargs)
+
+
+def revcol_large(**kwargs) -> FullNet:
+    """RevCol-L: C 128-1024, D 1-2-6-2, 8 columns (272.1 M params). Keywords as ``build_variant``."""
+    return build_variant("revcol_large", **kwargs)
+
+
+def revcol_xlarge(**kwargs) -> FullNet:
+    """RevCol-XL: C 224-1792, D 1-2-6-2, 8 columns (832.0 M params). Keywords as ``build_variant``."""
+    return build_variant("revcol_xlarge", **kwargs)
