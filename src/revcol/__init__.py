@@ -3,6 +3,8 @@
 ``import revcol`` also registers the backbones with Ultralytics (see ``revcol.register``).
 """
 
+import warnings
+
 from revcol.model import ConvNextBlock, FullNet, Fusion, Level, SubNet, UpSample
 from revcol.pretrained import CheckpointError, LoadResult, load_pretrained
 from revcol.reversible import ReverseFunction
@@ -18,6 +20,13 @@ from revcol.variants import (
 )
 
 __version__ = "0.1.0"
+
+from revcol.integration import RevColBackbone, is_registered, register, unregister  # noqa: E402
+
+try:
+    register()
+except RuntimeError as error:  # unsupported Ultralytics: the torch API still works
+    warnings.warn(str(error), RuntimeWarning, stacklevel=2)
 
 __all__ = [
     "VARIANTS",
@@ -37,5 +46,9 @@ __all__ = [
     "revcol_large",
     "revcol_small",
     "revcol_tiny",
+    "RevColBackbone",
+    "is_registered",
+    "register",
+    "unregister",
     "revcol_xlarge",
 ]
