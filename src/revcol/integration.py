@@ -98,7 +98,16 @@ def expand_backbone(d: dict) -> dict:
 
 
 def _is_revcol_row(row: Any) -> bool:
-    return isinstance(row, (list, tuple)) and len(row) == 4 and isinstance(row[2], str) and row[2] in BACKBONE_NAMES
+    """Rows naming ``revcol*``; an unknown ``revcol_*`` name fails here with the list of known ones."""
+    if not (isinstance(row, (list, tuple)) and len(row) == 4 and isinstance(row[2], str)):
+        return False
+    name = row[2]
+    if name.lower().startswith(CUSTOM_NAME) and name not in BACKBONE_NAMES and name != RevColBackbone.__name__:
+        raise ValueError(
+            f"unknown RevCol backbone {name!r} in model YAML; known: {', '.join(sorted(BACKBONE_NAMES))} "
+            f"({CUSTOM_NAME!r} takes a custom configuration)"
+        )
+    return name in BACKBONE_NAMES
 
 
 def _parse_options(name: str, args: Any) -> dict:

@@ -1,0 +1,213 @@
+"""The Ultralytics shim: registration, YAML expansion, options, errors, predict extras (no training)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import ultralytics
+import yaml
+from ultralytics import RTDETR
+from ultralytics.engine.model import Model
+from ultralytics.nn import tasks
+from ultralytics.nn.modules import Index
+
+import revcol
+from revcol import integration
+from revcol.integration import RevColBackbone
+from revcol.trainers import RevColDetectionTrainer, exclude_from_weight_decay, no_decay_parameters
+
+SEED_YAML = integration.CONFIG_DIR / "rtdetr-revcol.yaml"
+TINY = {"channels": [8, 16, 24, 32], "layers": [1, 1, 1, 1], "num_subnet": 2}
+
+
+def rtdetr_dict(name: str = "revcol", options: dict | None = None) -> dict:
+    """The section-5 model dict with its backbone row renamed (and options set)."""
+    d = yaml.safe_load(SEED_YAML.read_text())
+    d["backbone"][0] = [-1, 1, name, [options] if options is not None else []]
+    return d
+
+
+def tiny_rtdetr(**options) -> tasks.RTDETRDetectionModel:
+    return tasks.RTDETRDetectionModel(rtdetr_dict("revcol", {**TINY, **options}), verbose=False)
+
+
+def test_seed_yaml_is_the_design_file_verbatim():
+    design = (Path(__file__).parents[2] / "shared/design/revcol.md").read_text()
+    block = design.split("```yaml\n", 1)[1].split("```", 1)[0]
+    assert SEED_YAML.read_text() == block
+
+
+@pytest.mark.parametrize("variant", list(revcol.VARIANTS))
+def test_seed_yaml_layer_layout_for_every_variant(variant):
+    d = rtdetr_dict(variant)
+    with torch.device("meta"):
+        model = tasks.RTDETRDetectionModel(d, verbose=False)
+    layers = model.model
+    spec = revcol.VARIANTS[variant]
+    assert isinstance(layers[0], RevColBackbone) and layers[0].variant == variant
+    assert layers[0].channels == spec.channels and layers[0].num_subnet == spec.num_subnet
+    for level in range(4):
+        assert isinstance(layers[level + 1], Index) and layers[level + 1].index == level
+        assert layers[level + 1].f == 0
+    # head rows 5, 9 and 14 read P5, P4 and P3 (indexes -1=4, 3 and 2): their convs see those widths
+    assert layers[5].conv.in_channels == spec.channels[3]
+    assert layers[9].conv.in_channels == spec.channels[2]
+    assert layers[14].conv.in_channels == spec.channels[1]
+    assert len(layers) == 24 and layers[5].i == 5
+
+
+def test_shipped_configs_load_by_bare_name_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = RTDETR("rtdetr-revcol-cpu.yaml")
+    assert isinstance(model.model.model[0], RevColBackbone)
+    assert {p.name for p in integration.CONFIG_DIR.glob("*.yaml")} >= {
+        "rtdetr-revcol.yaml",
+        "rtdetr-revcol-cpu.yaml",
+        "yolo-revcol.yaml",
+    }
+
+
+def test_yolo_config_builds_with_detect_head():
+    with torch.device("meta"):
+        d = tasks.yaml_model_load("yolo-revcol.yaml")
+    model = tasks.DetectionModel(d, verbose=False)
+    assert isinstance(model.model[0], RevColBackbone)
+    assert model.stride.tolist() == [8.0, 16.0, 32.0]
+
+
+def test_options_reach_the_backbone():
+    backbone = tiny_rtdetr(save_memory=False, drop_path=0.2, kernel_size=5).model[0]
+    assert backbone.save_memory is False and backbone.drop_path == 0.2 and backbone.kernel_size == 5
+    assert backbone.width_list == TINY["channels"]
+
+
+def test_pretrained_option_loads_authors_layout(tmp_path):
+    reference = revcol.FullNet(**TINY)
+    state = {f"module.{k}": v.clone().normal_() for k, v in reference.state_dict().items()}
+    state["module.cls.classifier.weight"] = torch.zeros(10, 32)
+    path = tmp_path / "authors.pth"
+    torch.save({"model": state, "epoch": 300}, path)
+    backbone = tiny_rtdetr(pretrained=str(path)).model[0]
+    for key, value in backbone.state_dict().items():
+        torch.testing.assert_close(value, state[f"module.{key}"], rtol=0, atol=0)
+
+
+def test_register_is_idempotent_and_unregister_restores_originals():
+    originals = {(id(owner), name): original for owner, name, original in integration._patches}
+    patched = (tasks.parse_model, tasks.check_yaml, Model._smart_load, tasks.BaseModel.predict)
+    revcol.register()
+    assert (tasks.parse_model, tasks.check_yaml, Model._smart_load, tasks.BaseModel.predict) == patched
+    try:
+        revcol.unregister()
+        assert not revcol.is_registered()
+        for owner, name in [
+            (tasks, "parse_model"),
+            (tasks, "check_yaml"),
+            (tasks.BaseModel, "predict"),
+            (tasks.RTDETRDetectionModel, "predict"),
+            (Model, "_smart_load"),
+        ]:
+            assert vars(owner)[name] is originals[(id(owner), name)], name
+        assert "RevColBackbone" not in vars(tasks)
+        assert RevColBackbone not in torch.serialization.get_safe_globals()
+        with pytest.raises(KeyError):  # Ultralytics as before: the name is unknown to it
+            tasks.RTDETRDetectionModel(rtdetr_dict("revcol_tiny"), verbose=False)
+    finally:
+        revcol.register()
+    assert revcol.is_registered() and vars(tasks)["RevColBackbone"] is RevColBackbone
+
+
+def test_unsupported_ultralytics_version_is_refused(monkeypatch):
+    revcol.unregister()
+    monkeypatch.setattr(ultralytics, "__version__", "9.1.0")
+    try:
+        with pytest.raises(RuntimeError, match=r">=8\.3\.59,<9.*9\.1\.0"):
+            revcol.register()
+        assert not revcol.is_registered()
+    finally:
+        monkeypatch.undo()
+        revcol.register()
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "match"),
+    [
+        ("revcol_huge", [], r"unknown RevCol backbone 'revcol_huge'.*revcol_small"),
+        ("revcol_small", [{"pretrained": "x.pth", "dropout": 0.1}], r"unknown option\(s\) \['dropout'\]"),
+        ("revcol_small", ["x.pth", True], r"takes \[\] or one mapping of options"),
+        ("revcol_tiny", [{"drop_path": 1.5}], r"drop_path must be a number in \[0, 1\)"),
+        ("revcol", [{"channels": [8, 16, 24, 32]}], r"needs channels, layers and num_subnet"),
+        ("revcol_tiny", [{"pretrained": "does/not/exist.pth"}], r"checkpoint not found"),
+    ],
+)
+def test_bad_backbone_rows_fail_clearly(name, args, match):
+    d = rtdetr_dict()
+    d["backbone"][0] = [-1, 1, name, args]
+    with pytest.raises(ValueError, match=match):
+        tasks.RTDETRDetectionModel(d, verbose=False)
+
+
+@pytest.mark.parametrize(
+    ("row", "match"),
+    [
+        ([9, 1, "Conv", [256, 1, 1]], r"layer 5 .* takes input from layer 9, which does not exist"),
+        ([0, 1, "Conv", [256, 1, 1]], r"takes the backbone's list output \(layer 0\); use 1-4"),
+    ],
+)
+def test_head_index_outside_the_backbone_slots_fails_clearly(row, match):
+    d = rtdetr_dict("revcol", TINY)
+    d["head"][0] = row
+    with pytest.raises(ValueError, match=match):
+        tasks.RTDETRDetectionModel(d, verbose=False)
+
+
+def test_predict_extras_handle_the_list_output(tmp_path):
+    model = RTDETR("rtdetr-revcol-cpu.yaml")
+    image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    embedding = model.predict(image, imgsz=64, embed=[0], verbose=False)
+    assert embedding[0].shape == (sum(model.model.model[0].width_list),)
+    torch_model = model.model.eval()
+    torch_model.predict(torch.zeros(1, 3, 64, 64), profile=True)
+    results = model.predict(image, imgsz=64, visualize=True, verbose=False, project=str(tmp_path), name="vis")
+    assert len(results) == 1
+    assert list((tmp_path / "vis").rglob("*.jpg"))
+
+
+def test_info_reports_gflops():
+    _, _, _, flops = RTDETR("rtdetr-revcol-cpu.yaml").model.info(imgsz=64)
+    assert flops > 0
+
+
+@pytest.mark.parametrize("optimizer", ["AdamW", "SGD"])
+def test_alphas_and_gammas_get_no_weight_decay(optimizer):
+    model = tiny_rtdetr()
+    trainer = object.__new__(RevColDetectionTrainer)
+    opt = trainer.build_optimizer(model, name=optimizer, lr=0.01, momentum=0.9, decay=5e-4)
+    decay_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert len(decay_of) == sum(1 for _ in model.parameters())
+    backbone = model.model[0]
+    special = no_decay_parameters(model)
+    assert len(special) == 4 * 2 + 4 * 2  # 4 alphas per column + one gamma per block (4 blocks per column)
+    norms = [m.weight for m in backbone.modules() if isinstance(m, torch.nn.LayerNorm)]
+    for p in special + norms:
+        assert decay_of[id(p)] == 0.0
+    assert decay_of[id(backbone.stem[0].weight)] == 5e-4
+
+
+def test_exclude_from_weight_decay_splits_only_decaying_groups():
+    a, b, c = (torch.nn.Parameter(torch.zeros(2)) for _ in range(3))
+    opt = torch.optim.SGD([{"params": [a, b], "weight_decay": 0.1}, {"params": [c], "weight_decay": 0.0}], lr=1)
+    exclude_from_weight_decay(opt, [b, c])
+    groups = [([id(p) for p in g["params"]], g["weight_decay"]) for g in opt.param_groups]
+    assert groups == [([id(a)], 0.1), ([id(c)], 0.0), ([id(b)], 0.0)]
+
+
+def test_model_dict_is_not_modified_by_expansion():
+    d = rtdetr_dict("revcol", TINY)
+    before = copy.deepcopy(d)
+    model = tasks.RTDETRDetectionModel(d, verbose=False)
+    assert model.yaml["backbone"] == before["backbone"]
