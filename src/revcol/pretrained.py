@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pickle
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +12,8 @@ from torch import nn
 
 BACKBONE_PREFIXES = ("stem.", "subnet")
 WRAPPER_KEYS = ("model", "state_dict")
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save (default format)
+PICKLE_MAGIC = b"\x80"  # torch.save(_use_new_zipfile_serialization=False): a pickle, protocol >= 2
 
 
 class CheckpointError(ValueError):
@@ -32,25 +33,34 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    with path.open("rb") as file:
+        head = file.read(len(ZIP_MAGIC))
+    if not head.startswith((ZIP_MAGIC, PICKLE_MAGIC)):
+        kind = "an empty file" if not head else f"a file starting with {head!r}"
+        raise CheckpointError(
+            f"{path} is not a PyTorch checkpoint: torch.save writes a zip archive or a pickle, this is {kind}"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
-            f"{path} was refused by weights-only loading: it holds objects other than tensors and plain "
-            f"containers, possibly code that would run on load. Only state-dict checkpoints are accepted. ({e})"
+            f"{path} was refused by weights-only loading ({_unpickler_reason(e)}): it is corrupt or holds objects "
+            "other than tensors and plain containers, possibly code that would run on load. Only state-dict "
+            "checkpoints are accepted."
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+    except Exception as e:  # torch.load raises many types (RuntimeError, EOFError, KeyError, ...) on a damaged file
         raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint (empty, truncated or another kind of file): {e}"
+            f"{path} is not a readable PyTorch checkpoint (truncated or corrupt): {type(e).__name__}: {e}"
         ) from None
     for key in WRAPPER_KEYS:
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
             break
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
         raise CheckpointError(
-            f"{path} holds no state dict: expected a dict of tensors, at top level or under "
-            f"{' / '.join(WRAPPER_KEYS)}"
+            f"{path} holds no state dict: expected a dict of tensors, at top level or under {' / '.join(WRAPPER_KEYS)}"
         )
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
@@ -84,3 +94,10 @@ def load_pretrained(model: nn.Module, path: str | Path) -> LoadResult:
 def _head(keys: list[str], n: int = 5) -> str:
     shown = ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
     return f"[{shown}]"
+
+
+def _unpickler_reason(error: pickle.UnpicklingError) -> str:
+    """The informative lines of torch's weights-only refusal, without its paragraphs of generic advice."""
+    generic = ("Weights only load failed", "Check the documentation", "Please file an issue")
+    lines = (line.split("WeightsUnpickler error:", 1)[-1].strip() for line in str(error).splitlines())
+    return " ".join(line for line in lines if line and not line.startswith(generic)) or type(error).__name__

@@ -109,13 +109,13 @@ class ReverseFunction(torch.autograd.Function):
         outputs, alphas = rest[:NUM_LEVELS], rest[NUM_LEVELS:]
         subnet: SubNet = ctx.subnet
         params = ctx.params
-        if any(p._version != v for p, v in zip(params, ctx.param_versions)):
+        if any(p._version != v for p, v in zip(params, ctx.param_versions, strict=True)):
             raise RuntimeError(
                 f"RevCol: a parameter of {type(subnet).__name__} was modified in place between forward and "
                 "backward (e.g. optimizer.step() before backward). The reversible backward recomputes the "
                 "forward and would give wrong gradients; call backward first, or build with save_memory=False."
             )
-        grads = [g if g is not None else torch.zeros_like(o) for g, o in zip(grad_outputs, outputs)]
+        grads = [g if g is not None else torch.zeros_like(o) for g, o in zip(grad_outputs, outputs, strict=True)]
         grad_x = None
         grad_previous: list[torch.Tensor | None] = [None] * NUM_LEVELS
         grad_alphas: list[torch.Tensor | None] = [None] * NUM_LEVELS
@@ -147,8 +147,8 @@ class ReverseFunction(torch.autograd.Function):
                     grad_previous[level] = _add(grad_previous[level], grad * alphas[level])
 
             wrt = [t for t in (c_down, c_up) if t is not None and t.requires_grad] + list(level_params)
-            results = torch.autograd.grad(f, wrt, grad.to(f.dtype), allow_unused=True)
-            results = list(results)
+            # Nothing to differentiate when the level is frozen and its input needs no gradient.
+            results = list(torch.autograd.grad(f, wrt, grad.to(f.dtype), allow_unused=True)) if wrt else []
             if c_down.requires_grad:
                 grad_down = results.pop(0)
                 if level == 0:
