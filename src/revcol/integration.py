@@ -139,7 +139,18 @@ def _supported(version: str) -> bool:
 
 _patches: list[tuple[Any, str, Any]] = []
 _MISSING = object()
-_SAFE_GLOBALS = [RevColBackbone, FullNet, SubNet, Level, Fusion, UpSample, ConvNextBlock, LayerNorm, LayerNorm2d, DropPath]
+_SAFE_GLOBALS = [
+    RevColBackbone,
+    FullNet,
+    SubNet,
+    Level,
+    Fusion,
+    UpSample,
+    ConvNextBlock,
+    LayerNorm,
+    LayerNorm2d,
+    DropPath,
+]
 
 
 def _patch(owner: Any, name: str, value: Any) -> None:

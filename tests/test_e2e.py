@@ -1,0 +1,219 @@
+"""End to end with Ultralytics on CPU, offline: train, val, predict, reload, safe load, ONNX, DDP file."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+from ultralytics import RTDETR, YOLO
+
+from revcol.integration import RevColBackbone
+from revcol.trainers import RevColDetectionTrainer, RevColRTDETRTrainer, no_decay_parameters
+
+IMGSZ = 64
+BACKBONE = "[-1, 1, revcol, [{channels: [8, 16, 24, 32], layers: [1, 1, 1, 1], num_subnet: 2, drop_path: 0.1}]]"
+YOLO_TINY = f"""
+nc: 2
+backbone:
+  - {BACKBONE}  # 0-4
+head:
+  - [-1, 1, nn.Upsample, [None, 2, 'nearest']]  # 5
+  - [[-1, 3], 1, Concat, [1]]  # 6
+  - [-1, 1, C2f, [32]]  # 7
+  - [-1, 1, nn.Upsample, [None, 2, 'nearest']]  # 8
+  - [[-1, 2], 1, Concat, [1]]  # 9
+  - [-1, 1, C2f, [16]]  # 10 P3
+  - [[10, 7, 4], 1, Detect, [nc]]
+"""
+
+
+def make_dataset(root: Path, n_train: int = 8, n_val: int = 4, seed: int = 0) -> Path:
+    """Coloured squares (class 0 red, class 1 green) on grey, YOLO labels."""
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", n_train), ("val", n_val)):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "labels" / split).mkdir(parents=True)
+        for i in range(count):
+            image = np.full((IMGSZ, IMGSZ, 3), 60, np.uint8)
+            rows = []
+            for cls in (0, 1):
+                side = int(rng.integers(IMGSZ // 6, IMGSZ // 3))
+                x, y = (int(v) for v in rng.integers(0, IMGSZ - side, 2))
+                cv2.rectangle(image, (x, y), (x + side, y + side), (0, 0, 255) if cls == 0 else (0, 255, 0), -1)
+                rows.append(f"{cls} {(x + side / 2) / IMGSZ} {(y + side / 2) / IMGSZ} {side / IMGSZ} {side / IMGSZ}")
+            cv2.imwrite(str(root / "images" / split / f"{i}.png"), image)
+            (root / "labels" / split / f"{i}.txt").write_text("\n".join(rows))
+    data = root / "data.yaml"
+    data.write_text(
+        yaml.safe_dump({"path": str(root), "train": "images/train", "val": "images/val", "names": ["red", "green"]})
+    )
+    return data
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    (root / "yolo-tiny-revcol.yaml").write_text(YOLO_TINY)
+    return root, make_dataset(root / "data")
+
+
+def _train(model, workspace, name):
+    root, data = workspace
+    model.train(
+        data=str(data), epochs=1, imgsz=IMGSZ, batch=4, workers=0, device="cpu", plots=False,
+        project=str(root / "runs"), name=name, exist_ok=True, amp=False, verbose=False,
+    )  # fmt: skip
+    return model
+
+
+@pytest.fixture(scope="module")
+def rtdetr(workspace):
+    return _train(RTDETR("rtdetr-revcol-cpu.yaml"), workspace, "rtdetr")
+
+
+@pytest.fixture(scope="module")
+def yolo(workspace):
+    return _train(YOLO(str(workspace[0] / "yolo-tiny-revcol.yaml")), workspace, "yolo")
+
+
+@pytest.fixture(params=["rtdetr", "yolo"])
+def trained(request):
+    return request.getfixturevalue(request.param)
+
+
+def _boxes(model, image) -> list:
+    return model.predict(image, imgsz=IMGSZ, conf=0.0, verbose=False)[0].boxes.data.tolist()
+
+
+PREDICT = """
+import json, sys
+from ultralytics import RTDETR, YOLO
+cls = RTDETR if "rtdetr" in sys.argv[1] else YOLO
+result = cls(sys.argv[1]).predict(sys.argv[2], imgsz={imgsz}, conf=0.0, verbose=False)[0]
+print(json.dumps({{"boxes": result.boxes.data.tolist(), "revcol_imported_by_load": "revcol" in sys.modules}}))
+"""
+
+
+def _predict_in_fresh_process(weights, image, prelude="", env=None) -> dict:
+    script = prelude + PREDICT.format(imgsz=IMGSZ)
+    env = {**os.environ, "YOLO_OFFLINE": "true", **(env or {})}
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(weights), str(image)], capture_output=True, text=True, env=env, check=False
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_train_writes_best_and_uses_revcol_trainer(trained):
+    best = Path(trained.trainer.best)
+    assert best.is_file() and best.name == "best.pt"
+    assert type(trained.trainer) in (RevColRTDETRTrainer, RevColDetectionTrainer)
+    assert isinstance(trained.model.model[0], RevColBackbone)
+
+
+def test_training_updates_backbone_weights(trained):
+    fresh = type(trained)(trained.model.yaml["yaml_file"])  # same config, new initialisation
+    trained_stem = trained.model.model[0].stem[0].weight
+    assert not torch.equal(trained_stem, fresh.model.model[0].stem[0].weight)
+
+
+def test_optimizer_groups_exempt_alphas_and_gammas(trained):
+    decay = {id(p): g["weight_decay"] for g in trained.trainer.optimizer.param_groups for p in g["params"]}
+    special = no_decay_parameters(trained.trainer.model)
+    assert special and all(decay[id(p)] == 0.0 for p in special)
+    assert max(decay.values()) > 0
+
+
+def test_val_returns_metrics(trained, workspace):
+    metrics = trained.val(data=str(workspace[1]), imgsz=IMGSZ, batch=4, workers=0, plots=False, verbose=False)
+    assert 0.0 <= metrics.box.map50 <= 1.0
+    assert "metrics/mAP50(B)" in metrics.results_dict
+
+
+def test_best_pt_predicts_same_boxes_in_fresh_processes(trained, workspace):
+    image = workspace[1].parent / "images" / "val" / "0.png"
+    best = Path(trained.trainer.best)
+    expected = _boxes(type(trained)(str(best)), str(image))
+    assert expected, "predict returned no boxes"
+
+    plain = _predict_in_fresh_process(best, image)
+    assert plain["revcol_imported_by_load"]  # unpickling the model imported (and registered) revcol itself
+    np.testing.assert_allclose(plain["boxes"], expected, atol=1e-4)
+
+    safe = _predict_in_fresh_process(best, image, prelude="import revcol\n", env={"ULTRALYTICS_SAFE_LOAD": "1"})
+    np.testing.assert_allclose(safe["boxes"], expected, atol=1e-4)
+
+
+def test_safe_load_refuses_without_revcol(trained):
+    script = textwrap.dedent(
+        f"""
+        from ultralytics import RTDETR
+        try:
+            RTDETR({str(trained.trainer.best)!r})
+        except Exception as e:
+            print("refused:", type(e).__name__)
+        """
+    )
+    env = {**os.environ, "YOLO_OFFLINE": "true", "ULTRALYTICS_SAFE_LOAD": "1"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    assert "refused:" in out.stdout
+
+
+def test_onnx_export_matches_pytorch(trained):
+    import onnxruntime
+
+    model = type(trained)(str(trained.trainer.best))
+    path = model.export(format="onnx", imgsz=IMGSZ, verbose=False)
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    x = torch.rand(1, 3, IMGSZ, IMGSZ, generator=torch.Generator().manual_seed(0))
+    (onnx_out, *_) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    torch_model = type(trained)(str(trained.trainer.best)).model.eval()
+    with torch.no_grad():
+        torch_out = torch_model(x)
+    torch_out = torch_out[0] if isinstance(torch_out, (list, tuple)) else torch_out
+    assert onnx_out.shape == tuple(torch_out.shape)
+    assert np.abs(onnx_out - torch_out.numpy()).max() <= 1e-4
+
+
+def test_info_reports_gflops(trained):
+    _, _, _, flops = trained.model.info(imgsz=IMGSZ)
+    assert flops > 0
+
+
+def test_ddp_worker_registers_revcol_in_a_fresh_interpreter(rtdetr):
+    from ultralytics.utils.dist import generate_ddp_file
+
+    file = Path(generate_ddp_file(rtdetr.trainer))
+    try:
+        source = file.read_text()
+        assert "revcol" not in source  # nothing of ours is spelled out: it comes from the pickled trainer
+        # Run the worker file up to (not including) training: load its state as the worker does.
+        check = source.split("    trainer = state")[0] + textwrap.indent(
+            textwrap.dedent(
+                """
+                import ultralytics.nn.tasks as tasks
+                import revcol
+                assert state["trainer"].__module__ == "revcol.trainers", state["trainer"]
+                assert revcol.is_registered() and "RevColBackbone" in vars(tasks)
+                print("registered in worker:", state["trainer"].__name__)
+                """
+            ),
+            "    ",
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", check], capture_output=True, text=True, env={**os.environ, "YOLO_OFFLINE": "true"}
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "registered in worker: RevColRTDETRTrainer" in out.stdout
+    finally:
+        file.unlink(missing_ok=True)
+        file.with_suffix(".pt").unlink(missing_ok=True)
