@@ -21,7 +21,7 @@ from revcol.variants import (
 
 __version__ = "0.1.0"
 
-from revcol.integration import RevColBackbone, is_registered, register, unregister  # noqa: E402
+from revcol.integration import RevColBackbone, is_registered, register, unregister
 
 try:
     register()
@@ -36,19 +36,19 @@ __all__ = [
     "Fusion",
     "Level",
     "LoadResult",
+    "RevColBackbone",
     "ReverseFunction",
     "SubNet",
     "UpSample",
     "VariantSpec",
     "build_variant",
+    "is_registered",
     "load_pretrained",
+    "register",
     "revcol_base",
     "revcol_large",
     "revcol_small",
     "revcol_tiny",
-    "RevColBackbone",
-    "is_registered",
-    "register",
-    "unregister",
     "revcol_xlarge",
+    "unregister",
 ]
