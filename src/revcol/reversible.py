@@ -163,7 +163,6 @@ class ReverseFunction(torch.autograd.Function):
 
         if ctx.first_column:
             grad_previous = [None] * NUM_LEVELS
-        ctx.rng_states = None
         return (None, None, grad_x, *grad_previous, *grad_alphas, *grad_params)
 
 
