@@ -44,7 +44,7 @@ class ConvNextBlock(nn.Module):
 
 
 class UpSample(nn.Module):
-    """Channel projection of the coarser level (channels-last Linear + LayerNorm), then nearest ×2."""
+    """Channel projection of the coarser level (channels-last Linear + LayerNorm), then nearest x2."""
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
@@ -108,7 +108,8 @@ def bounded_alpha(alpha: torch.Tensor) -> torch.Tensor:
     same, but the parameter is never edited, so inference and ONNX export see plain ops.
     """
     safe = torch.where(alpha >= 0, alpha.clamp(min=ALPHA_BOUND), alpha.clamp(max=-ALPHA_BOUND))
-    return alpha + (safe - alpha).detach()
+    # safe + 0 (not alpha + (safe - alpha), which can round to just below the bound in half precision)
+    return safe.detach() + (alpha - alpha.detach())
 
 
 class SubNet(nn.Module):
@@ -128,9 +129,7 @@ class SubNet(nn.Module):
         for level in range(NUM_LEVELS):
             self.register_parameter(f"alpha{level}", nn.Parameter(torch.full((1, channels[level], 1, 1), 0.5)))
             rates = drop_path_rates[offsets[level] : offsets[level] + layers[level]]
-            self.add_module(
-                f"level{level}", Level(level, channels, layers[level], kernel_size, rates, first_column)
-            )
+            self.add_module(f"level{level}", Level(level, channels, layers[level], kernel_size, rates, first_column))
 
     @property
     def levels(self) -> list[Level]:
@@ -156,7 +155,7 @@ class SubNet(nn.Module):
     ) -> Features:
         """The column's math with plain autograd; ``before_level(l)`` runs before each level (RNG capture)."""
         outputs: Features = []
-        for level, (module, alpha) in enumerate(zip(self.levels, alphas)):
+        for level, (module, alpha) in enumerate(zip(self.levels, alphas, strict=True)):
             if before_level is not None:
                 before_level(level)
             c_down = x if level == 0 else outputs[-1]
