@@ -97,7 +97,9 @@ def _head(keys: list[str], n: int = 5) -> str:
 
 
 def _unpickler_reason(error: pickle.UnpicklingError) -> str:
-    """The informative lines of torch's weights-only refusal, without its paragraphs of generic advice."""
+    """The first sentence of what torch's weights-only refusal found, without its paragraphs of generic advice."""
+    text = str(error).split("WeightsUnpickler error:", 1)[-1]
     generic = ("Weights only load failed", "Check the documentation", "Please file an issue")
-    lines = (line.split("WeightsUnpickler error:", 1)[-1].strip() for line in str(error).splitlines())
-    return " ".join(line for line in lines if line and not line.startswith(generic)) or type(error).__name__
+    lines = (line.strip() for line in text.splitlines())
+    reason = " ".join(line for line in lines if line and not line.startswith(generic))
+    return reason.split(". ", 1)[0].rstrip(".") or type(error).__name__
