@@ -1,0 +1,123 @@
+"""Shared helpers for the core tests: tiny models with non-trivial weights and gradient comparison."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from revcol import FullNet
+
+TINY_CHANNELS = (8, 16, 24, 32)
+STRIDES = (4, 8, 16, 32)
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0, alpha_magnitude: tuple[float, float] = (0.5, 1.5)) -> None:
+    """Give every parameter a non-trivial value (gamma ~0.5 instead of 1e-6, random biases, alphas of both signs).
+
+    With the paper's init (layer scale 1e-6) the blocks barely contribute and gradients of most
+    weights are tiny, which would make gradient comparisons weak; here every term matters.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    low, high = alpha_magnitude
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=generator, dtype=torch.float64)
+            if name.rsplit(".", 1)[-1].startswith("alpha"):
+                magnitude = low + (high - low) * torch.rand(p.shape, generator=generator, dtype=torch.float64)
+                sign = torch.where(torch.rand(p.shape, generator=generator) < 0.5, -1.0, 1.0).double()
+                p.copy_(magnitude * sign)
+            elif name.endswith("gamma"):
+                p.copy_(0.5 + 0.1 * noise)
+            else:
+                p.add_(0.1 * noise.to(p.dtype))
+
+
+def make_net(
+    channels: Sequence[int] = TINY_CHANNELS,
+    layers: Sequence[int] = (1, 1, 1, 1),
+    num_subnet: int = 2,
+    *,
+    drop_path: float = 0.0,
+    save_memory: bool = True,
+    kernel_size: int = 3,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+    randomize: bool = True,
+) -> FullNet:
+    torch.manual_seed(seed)
+    model = FullNet(channels, layers, num_subnet, kernel_size=kernel_size, drop_path=drop_path, save_memory=save_memory)
+    model = model.to(dtype)
+    if randomize:
+        randomize_(model, seed)
+    return model.train()
+
+
+def make_input(n: int = 2, h: int = 32, w: int = 32, dtype: torch.dtype = torch.float64, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, h, w, generator=generator, dtype=torch.float64).to(dtype)
+
+
+def output_weights(outputs: Sequence[torch.Tensor], seed: int = 2) -> list[torch.Tensor]:
+    """Fixed random weights per output element, so the loss reaches every output non-uniformly."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(o.shape, generator=generator, dtype=torch.float64).to(o.dtype) for o in outputs]
+
+
+def run_grads(
+    model: FullNet,
+    x: torch.Tensor,
+    *,
+    save_memory: bool,
+    seed: int = 0,
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """Train-mode forward + backward of ``sum_l <w_l, c_l>``; returns the outputs and every gradient.
+
+    The generator is seeded right before the forward, so drop-path masks are the same for both paths.
+    Gradient keys are the parameter names plus ``"input"``. ``x`` keeps its strides (no copy).
+    """
+    model.save_memory = save_memory
+    model.train()
+    model.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_()
+    torch.manual_seed(seed)
+    if autocast_dtype is None:
+        outputs = model(x)
+    else:
+        with torch.autocast("cpu", dtype=autocast_dtype):
+            outputs = model(x)
+    loss = sum((o.to(w.dtype) * w).sum() for o, w in zip(outputs, output_weights(outputs), strict=True))
+    loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+    grads["input"] = x.grad.detach().clone()
+    return [o.detach() for o in outputs], grads
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``|actual - expected| / |expected|`` (Frobenius norms, in float64); absolute error if ``expected`` is zero."""
+    actual, expected = actual.double(), expected.double()
+    scale = expected.norm().item()
+    diff = (actual - expected).norm().item()
+    return diff / scale if scale > 0 else diff
+
+
+def assert_close_per_tensor(
+    actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], tol: float, what: str = "gradient"
+) -> float:
+    """Same keys, all finite, and every tensor's relative error <= ``tol``; returns the worst error."""
+    assert set(actual) == set(expected), f"{what} keys differ: {sorted(set(actual) ^ set(expected))}"
+    worst, worst_name = 0.0, None
+    for name, value in expected.items():
+        assert torch.isfinite(actual[name]).all(), f"non-finite {what} for {name}"
+        assert torch.isfinite(value).all(), f"non-finite reference {what} for {name}"
+        assert actual[name].shape == value.shape, f"{what} shape of {name}: {actual[name].shape} != {value.shape}"
+        error = relative_error(actual[name], value)
+        if error > worst:
+            worst, worst_name = error, name
+    assert worst <= tol, f"{what} of {worst_name} differs: relative error {worst:.3e} > {tol:.1e}"
+    return worst
+
+
+def count_nonzero_grads(grads: dict[str, torch.Tensor]) -> int:
+    return sum(bool(g.abs().sum() > 0) for g in grads.values())
