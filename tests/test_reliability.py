@@ -315,3 +315,22 @@ def test_core_path_emits_no_deprecation_warning(tmp_path):
         if issubclass(w.category, (DeprecationWarning, FutureWarning)) and str(PACKAGE_DIR) in str(w.filename)
     ]
     assert from_revcol == [], [f"{w.filename}:{w.lineno}: {w.message}" for w in from_revcol]
+
+
+def test_switching_to_eval_between_forward_and_backward_keeps_gradients_exact():
+    """The recompute runs in the forward's train mode (drop-path masks included), not the current one."""
+    torch.manual_seed(0)
+    model = revcol.FullNet([8, 16, 24, 32], [1, 1, 1, 1], 2, drop_path=0.5).double().train()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    grads = {}
+    for save_memory in (False, True):
+        model.save_memory = save_memory
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        outputs = model(x)
+        model.eval()
+        sum(o.square().sum() for o in outputs).backward()
+        model.train()
+        grads[save_memory] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for name, expected in grads[False].items():
+        torch.testing.assert_close(grads[True][name], expected, rtol=1e-9, atol=1e-12, msg=name)

@@ -103,6 +103,7 @@ class ReverseFunction(torch.autograd.Function):
         outputs = subnet.forward_levels(x, None if first_column else list(previous), alphas, before_level)
 
         ctx.subnet, ctx.counts, ctx.first_column = subnet, counts, first_column
+        ctx.training = subnet.training
         ctx.rng_states = rng_states
         ctx.autocast = _AutocastState(x.device.type)
         ctx.param_versions = [p._version for p in params]
@@ -139,7 +140,7 @@ class ReverseFunction(torch.autograd.Function):
             if not ctx.first_column and level < NUM_LEVELS - 1:
                 c_up = previous[level + 1].detach().requires_grad_()
             replay = ctx.rng_states[level].replay() if ctx.rng_states else contextlib.nullcontext()
-            with torch.enable_grad(), ctx.autocast.context(), replay:
+            with torch.enable_grad(), ctx.autocast.context(), replay, _training_mode(subnet, ctx.training):
                 f = levels[level](c_down, c_up)
 
             grad = grads[level]
@@ -170,6 +171,19 @@ class ReverseFunction(torch.autograd.Function):
         if ctx.first_column:
             grad_previous = [None] * NUM_LEVELS
         return (None, None, grad_x, *grad_previous, *grad_alphas, *grad_params)
+
+
+@contextlib.contextmanager
+def _training_mode(module: torch.nn.Module, training: bool) -> Iterator[None]:
+    """Recompute in the train/eval mode of the forward, even if the model was switched since."""
+    previous = module.training
+    if previous != training:
+        module.train(training)
+    try:
+        yield
+    finally:
+        if previous != training:
+            module.train(previous)
 
 
 def _add(total: torch.Tensor | None, value: torch.Tensor | None) -> torch.Tensor | None:
