@@ -1,0 +1,146 @@
+"""The synthetic shapes dataset of ``revcol.demo`` and a shortened ``revcol demo`` run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+
+from revcol.demo import CLASSES, MAX_SHAPES, generate_dataset
+
+REVCOL = Path(sys.executable).with_name("revcol")
+NETGUARD = Path(__file__).parent / "_netguard"
+# Share of a shape's box painted in the shape's colour, per class.
+FILL = {"circle": (0.68, 0.86), "square": (1.0, 1.0), "triangle": (0.45, 0.62)}
+
+
+def read_labels(path: Path) -> np.ndarray:
+    rows = [line.split() for line in path.read_text().splitlines() if line.strip()]
+    return np.array(rows, dtype=float).reshape(-1, 5)
+
+
+def pixel_boxes(labels: np.ndarray, imgsz: int) -> list[tuple[int, int, int, int, int]]:
+    """(class, x0, y0, x1, y1) with exclusive ends, in pixels."""
+    boxes = []
+    for c, cx, cy, w, h in labels:
+        x0, y0 = round((cx - w / 2) * imgsz), round((cy - h / 2) * imgsz)
+        boxes.append((int(c), x0, y0, x0 + round(w * imgsz), y0 + round(h * imgsz)))
+    return boxes
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return generate_dataset(tmp_path_factory.mktemp("shapes"), n_train=24, n_val=6, imgsz=96, seed=3, n_test=5)
+
+
+def test_layout_and_data_yaml(dataset):
+    data = yaml.safe_load(dataset.read_text())
+    root = Path(data["path"])
+    assert root == dataset.parent
+    assert data["names"] == dict(enumerate(CLASSES))
+    for split, count in {"train": 24, "val": 6, "test": 5}.items():
+        assert data[split] == f"images/{split}"
+        images = sorted((root / "images" / split).glob("*.png"))
+        labels = sorted((root / "labels" / split).glob("*.txt"))
+        assert len(images) == len(labels) == count
+        assert [p.stem for p in images] == [p.stem for p in labels]
+
+
+def test_labels_match_the_drawn_shapes(dataset):
+    root = dataset.parent
+    seen = set()
+    for image_path in sorted(root.glob("images/*/*.png")):
+        image = cv2.imread(str(image_path))
+        assert image.shape == (96, 96, 3)
+        labels = read_labels(root / "labels" / image_path.parent.name / f"{image_path.stem}.txt")
+        assert 1 <= len(labels) <= MAX_SHAPES
+        assert ((labels[:, 1:] > 0) & (labels[:, 1:] <= 1)).all()
+        covered = np.zeros(image.shape[:2], bool)
+        for c, x0, y0, x1, y1 in pixel_boxes(labels, 96):
+            seen.add(c)
+            assert 0 <= x0 < x1 <= 96 and 0 <= y0 < y1 <= 96
+            assert not covered[y0:y1, x0:x1].any(), "label boxes overlap"
+            covered[y0:y1, x0:x1] = True
+            crop = image[y0:y1, x0:x1]
+            colour = image[(y0 + y1) // 2, (x0 + x1) // 2]  # the centre of every shape is painted
+            painted = (crop == colour).all(axis=2)
+            low, high = FILL[CLASSES[c]]
+            assert low <= painted.mean() <= high, (image_path, CLASSES[c], painted.mean())
+            # tight box: the shape touches all four sides
+            assert painted[0].any() and painted[-1].any() and painted[:, 0].any() and painted[:, -1].any()
+            # the shape's colour is bright; the background never is
+            assert colour.max() >= 200
+        bright = image.max(axis=2) >= 190
+        assert not (bright & ~covered).any(), f"{image_path}: a shape is drawn without a label"
+    assert seen == set(range(len(CLASSES)))
+
+
+def test_same_seed_same_files(tmp_path):
+    a = generate_dataset(tmp_path / "a", n_train=3, n_val=2, imgsz=64, seed=7)
+    b = generate_dataset(tmp_path / "b", n_train=3, n_val=2, imgsz=64, seed=7)
+    c = generate_dataset(tmp_path / "c", n_train=3, n_val=2, imgsz=64, seed=8)
+    files = sorted(p.relative_to(a.parent) for p in a.parent.rglob("*.*") if p.name != "data.yaml")
+    assert len(files) == 2 * (3 + 2 + 2)
+    assert all((a.parent / f).read_bytes() == (b.parent / f).read_bytes() for f in files)
+    assert any((a.parent / f).read_bytes() != (c.parent / f).read_bytes() for f in files)
+
+
+@pytest.mark.parametrize("kwargs", [{"imgsz": 16}, {"n_train": 0}, {"n_val": 0}])
+def test_bad_arguments(tmp_path, kwargs):
+    with pytest.raises(ValueError):
+        generate_dataset(tmp_path, **{"n_train": 2, "n_val": 1, "imgsz": 64, "seed": 0, **kwargs})
+
+
+def revcol_env(tmp_path: Path) -> dict[str, str]:
+    """Offline, settings in tmp_path, network attempts logged, not seen by Ultralytics as a pytest run."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
+    env.update(
+        YOLO_OFFLINE="true",
+        YOLO_CONFIG_DIR=str(tmp_path / "ultralytics-config"),
+        REVCOL_NETWORK_LOG=str(tmp_path / "network.log"),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(NETGUARD), env.get("PYTHONPATH")])),
+        OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "2"),
+    )
+    return env
+
+
+def test_shortened_demo_writes_every_promised_output(tmp_path):
+    out = tmp_path / "demo-out"
+    command = [str(REVCOL), "demo", "--output", str(out), "--epochs", "1", "--imgsz", "64", "--batch", "4"]
+    command += ["--train-images", "8", "--val-images", "4", "--test-images", "5"]
+    run = subprocess.run(command, cwd=tmp_path, env=revcol_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+    assert not (tmp_path / "network.log").exists(), (tmp_path / "network.log").read_text()
+    data = yaml.safe_load((out / "dataset" / "data.yaml").read_text())
+    assert data["names"] == dict(enumerate(CLASSES))
+    assert len(list((out / "dataset" / "images" / "train").glob("*.png"))) == 8
+    for name in ("weights/best.pt", "weights/last.pt", "results.csv", "args.yaml"):
+        assert (out / "train" / name).is_file(), name
+    for name in ("confusion_matrix.png", "BoxPR_curve.png", "val_batch0_pred.jpg"):
+        assert (out / "test" / name).is_file(), name
+    predictions = sorted((out / "predictions").glob("*.jpg"))
+    assert [p.stem for p in predictions] == [f"{i:06d}" for i in range(5)]
+    picture = cv2.imread(str(predictions[0]))
+    assert picture.shape == (256, 256, 3)
+    grid = cv2.imread(str(out / "predictions.jpg"))
+    assert grid is not None and grid.shape[1] > grid.shape[0] > 256
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0.0 <= summary["map50"] <= 1.0 and 0.0 <= summary["map50_95"] <= summary["map50"]
+    assert summary["best"] == str(out / "train" / "weights" / "best.pt")
+    assert set(summary["seconds"]) == {"dataset", "train", "test", "predict", "total"}
+
+    printed = run.stdout + run.stderr
+    assert "revcol demo finished" in printed
+    assert f"test mAP50 {summary['map50']:.3f}" in printed
+    for path in ("dataset/data.yaml", "train/weights/best.pt", "predictions.jpg", "summary.json"):
+        assert path in printed, path
+    assert "Traceback" not in printed
