@@ -1,0 +1,281 @@
+"""The ``revcol`` command: Ultralytics' ``yolo`` command with the RevCol backbones registered, plus extras.
+
+    revcol train|val|predict|export|track|benchmark key=value ...   exactly as ``yolo <mode> key=value ...``
+    revcol demo [--output DIR] [--epochs N] [--imgsz N] [--device D] ...
+    revcol info [VARIANT | MODEL.yaml] [--imgsz N]
+    revcol help | --help | version
+
+Everything that is not one of our commands (``demo``, ``info``, ``help``, ``version``) goes to
+Ultralytics' own CLI entry point after ``import revcol``, so arguments, outputs, ``runs/`` folders,
+progress bars and error messages are Ultralytics' own. Errors a user can cause (bad arguments, a
+wrong model YAML, a missing file) are printed without a traceback: exit status 2 for a malformed
+command line, 1 otherwise; set ``REVCOL_TRACEBACK=1`` to see the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Sequence
+
+OUR_COMMANDS = ("demo", "info", "help", "version")
+HELP_ALIASES = frozenset({"help", "-h", "--help", "-help", "h"})
+# Errors a user can cause with arguments, a model YAML or a data path: shown as a message, not a traceback.
+USER_ERRORS = (SyntaxError, ValueError, TypeError, FileNotFoundError, KeyError, NotImplementedError)
+
+HELP = """\
+revcol: RevCol (Reversible Column Networks) backbones for Ultralytics, from the command line.
+
+Usage:
+    revcol MODE key=value ...           Ultralytics' `yolo MODE key=value ...`, with the RevCol backbones registered
+    revcol demo [options]               offline demo: synthetic shapes, train RT-DETR-RevCol on the CPU, predict
+    revcol info [VARIANT|MODEL.yaml] [--imgsz N]
+                                        RevCol variants: channels, depths, columns, parameters, GFLOPs
+    revcol help | version
+
+Modes (same arguments and outputs as `yolo`, see `yolo help` or https://docs.ultralytics.com/usage/cli/):
+    train, val, predict, export, track, benchmark; other `yolo` commands (checks, settings, cfg, ...) work too.
+
+Shipped model configs, loadable by bare name:
+    rtdetr-revcol.yaml       RT-DETR with RevCol-S (pretrained: add {pretrained: revcol_small_1k.pth} in a copy)
+    rtdetr-revcol-cpu.yaml   RT-DETR with a small custom RevCol: trains on a CPU
+    rtdetr-revcol-demo.yaml  the tiny 3-class model of `revcol demo`
+    yolo-revcol.yaml         YOLO detector (C2f neck, Detect head) with RevCol-T
+
+Examples:
+    revcol train model=rtdetr-revcol.yaml data=path/to/data.yaml epochs=72 imgsz=640 batch=16
+    revcol val model=runs/detect/train/weights/best.pt data=path/to/data.yaml
+    revcol predict model=runs/detect/train/weights/best.pt source=path/to/images
+    revcol export model=runs/detect/train/weights/best.pt format=onnx
+    revcol demo --output revcol-demo
+    revcol info revcol_small --imgsz 640
+
+In a model YAML, a RevCol backbone is one row that expands to layers 0-4
+(0 backbone, 1 stride 4, 2 stride 8, 3 stride 16, 4 stride 32):
+    - [-1, 1, revcol_small, [{pretrained: revcol_small_1k.pth, save_memory: true, drop_path: 0.2}]]
+    - [-1, 1, revcol, [{channels: [16, 32, 64, 128], layers: [1, 1, 1, 1], num_subnet: 2}]]
+
+Set REVCOL_TRACEBACK=1 to see full tracebacks of errors.
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``revcol`` command with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0].lower() in HELP_ALIASES:
+        print(HELP, end="")
+        return 0
+    command = args[0].lower()
+    try:
+        if command == "demo":
+            return _demo(args[1:])
+        if command == "info":
+            return _info(args[1:])
+        if command in {"version", "--version", "-v"}:
+            return _version()
+        return _ultralytics(args)
+    except KeyboardInterrupt:
+        print("revcol: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as error:
+        if _env_true("REVCOL_TRACEBACK"):
+            raise
+        print(f"{type(error).__name__}: {error}".rstrip(), file=sys.stderr)
+        print("revcol: see `revcol help` (REVCOL_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        return 2 if isinstance(error, SyntaxError) else 1  # 2: the command line itself is wrong
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _ultralytics(args: list[str]) -> int:
+    """Ultralytics' own ``yolo`` entry point on ``args``, with the RevCol backbones registered."""
+    from ultralytics import cfg
+    from ultralytics.engine import model as engine_model
+
+    import revcol  # noqa: F401  (registers the backbones)
+    from revcol.demo import offline_fonts
+
+    # Ultralytics reads the command line from these module globals (copies of sys.argv) and recognises its
+    # CLI by the program name, e.g. `yolo predict` saves annotated results by default; so, seen from there,
+    # this is `yolo` with our arguments.
+    argv = ["yolo", *args]
+    with contextlib.ExitStack() as stack:
+        for module in (cfg, engine_model):
+            stack.enter_context(_replaced(module, "ARGV", argv))
+        if _env_true("YOLO_OFFLINE"):
+            stack.enter_context(offline_fonts())
+        cfg.entrypoint()
+    return 0
+
+
+@contextlib.contextmanager
+def _replaced(owner, name: str, value):
+    saved = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, saved)
+
+
+def _version() -> int:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    print(f"revcol {installed('revcol')} (ultralytics {installed('ultralytics')}, torch {installed('torch')})")
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with errors raised (``main`` prints them) rather than ``sys.exit`` from inside."""
+
+    def error(self, message: str):
+        raise SyntaxError(f"{self.prog}: {message}\n{self.format_usage().rstrip()}")
+
+
+def _demo(argv: list[str]) -> int:
+    from revcol.demo import DEMO_DEFAULTS
+
+    d = DEMO_DEFAULTS
+    parser = _Parser(
+        prog="revcol demo",
+        description=(
+            "Offline demo: generate a synthetic shapes dataset (circles, squares, triangles), train a small "
+            "RT-DETR-RevCol on it, evaluate on held-out images, save annotated predictions. Nothing is downloaded."
+        ),
+    )
+    parser.add_argument("--output", "--project", default="revcol-demo", help="output folder (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=d["epochs"], help="training epochs (default: %(default)s)")
+    parser.add_argument("--imgsz", type=int, default=d["imgsz"], help="image size, multiple of 32 (%(default)s)")
+    parser.add_argument("--device", default="cpu", help="cpu, 0, 0,1, mps ... (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=d["batch"], help="batch size (default: %(default)s)")
+    parser.add_argument("--train-images", type=int, default=d["n_train"], help="(default: %(default)s)")
+    parser.add_argument("--val-images", type=int, default=d["n_val"], help="(default: %(default)s)")
+    parser.add_argument("--test-images", type=int, default=d["n_test"], help="(default: %(default)s)")
+    parser.add_argument("--lr0", type=float, default=d["lr0"], help="initial AdamW learning rate (%(default)s)")
+    parser.add_argument("--seed", type=int, default=d["seed"], help="dataset and training seed (%(default)s)")
+    parser.add_argument("--workers", type=int, default=0, help="dataloader workers (default: %(default)s)")
+    options = parser.parse_args(argv)
+    if options.imgsz < 32 or options.imgsz % 32:
+        parser.error(f"--imgsz must be a positive multiple of 32, got {options.imgsz}")
+    if options.epochs < 1:
+        parser.error(f"--epochs must be >= 1, got {options.epochs}")
+
+    os.environ["YOLO_OFFLINE"] = "true"  # before Ultralytics is imported: no online checks, no downloads
+    from revcol.demo import run_demo
+
+    run_demo(
+        output=options.output,
+        epochs=options.epochs,
+        imgsz=options.imgsz,
+        device=options.device,
+        batch=options.batch,
+        n_train=options.train_images,
+        n_val=options.val_images,
+        n_test=options.test_images,
+        lr0=options.lr0,
+        seed=options.seed,
+        workers=options.workers,
+    )
+    return 0
+
+
+def _info(argv: list[str]) -> int:
+    parser = _Parser(
+        prog="revcol info",
+        description="Parameters and GFLOPs of the RevCol variants (or of one variant, or of a model YAML).",
+    )
+    parser.add_argument("target", nargs="?", help="a variant (e.g. revcol_small) or a model YAML; default: all")
+    parser.add_argument("--imgsz", type=int, default=224, help="square input size for GFLOPs (default: %(default)s)")
+    options = parser.parse_args(argv)
+    if options.imgsz < 32 or options.imgsz % 32:
+        parser.error(f"--imgsz must be a positive multiple of 32, got {options.imgsz}")
+
+    from revcol.variants import VARIANTS
+
+    target = options.target
+    if target is not None and target.endswith((".yaml", ".yml")):
+        return _info_yaml(target, options.imgsz)
+    if target is not None and target not in VARIANTS:
+        parser.error(f"unknown variant {target!r}; choose from {', '.join(VARIANTS)} or give a model .yaml")
+    print(variant_table([target] if target else list(VARIANTS), options.imgsz))
+    return 0
+
+
+def variant_table(names: Sequence[str], imgsz: int) -> str:
+    """A text table of the variants ``names``: channels, depths, columns, parameters and GFLOPs at ``imgsz``."""
+    from revcol.variants import VARIANTS
+
+    header = ("variant", "channels", "depths", "columns", "params (M)", f"GFLOPs @{imgsz}")
+    rows = [header]
+    for name in names:
+        spec = VARIANTS[name]
+        params, flops = count_variant(name, imgsz)
+        rows.append(
+            (
+                name,
+                "-".join(map(str, spec.channels)),
+                "-".join(map(str, spec.layers)),
+                str(spec.num_subnet),
+                f"{params / 1e6:.1f}",
+                f"{flops / 1e9:.1f}",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append(
+        "GFLOPs: backbone only, 2 x multiply-accumulates (Ultralytics' convention; the paper's FLOPs are half that)."
+    )
+    return "\n".join(lines)
+
+
+def count_variant(name: str, imgsz: int) -> tuple[int, int]:
+    """Parameters and FLOPs (2 x multiply-accumulates of convolutions and matmuls) of backbone ``name``.
+
+    The network is built on the meta device, so nothing is allocated or computed, and even RevCol-XL is quick.
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from revcol.variants import build_variant
+
+    with torch.device("meta"):
+        model = build_variant(name, save_memory=False).eval()
+        x = torch.empty(1, 3, imgsz, imgsz)
+    params = sum(p.numel() for p in model.parameters())
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return params, counter.get_total_flops()
+
+
+def _info_yaml(path: str, imgsz: int) -> int:
+    """Ultralytics' model summary (layers, parameters, GFLOPs at ``imgsz``) of a model YAML."""
+    from ultralytics import YOLO
+    from ultralytics.nn.tasks import RTDETRDetectionModel, yaml_model_load
+    from ultralytics.utils.torch_utils import model_info
+
+    import revcol  # noqa: F401  (registers the backbones)
+
+    head = (yaml_model_load(path).get("head") or [[None, None, ""]])[-1]
+    model = RTDETRDetectionModel(path, verbose=False) if head[2] == "RTDETRDecoder" else YOLO(path).model
+    model_info(model, imgsz=imgsz)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""The installed ``revcol`` console script, run as a user would (subprocesses in a temporary folder)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from revcol.cli import HELP, main
+from revcol.demo import generate_dataset
+
+REVCOL = Path(sys.executable).with_name("revcol")
+NETGUARD = Path(__file__).parent / "_netguard"
+
+TINY_MODEL = """\
+# RT-DETR with a very small custom RevCol backbone, for tests.
+nc: 3
+backbone:
+  - [-1, 1, revcol, [{channels: [8, 16, 32, 64], layers: [1, 1, 1, 1], num_subnet: 2, save_memory: false}]]  # 0-4
+head:
+  - [-1, 1, Conv, [32, 1, 1, None, 1, 1, False]]  # 5
+  - [-1, 1, AIFI, [64, 2]]  # 6
+  - [-1, 1, Conv, [32, 1, 1]]  # 7
+  - [-1, 1, nn.Upsample, [None, 2, 'nearest']]  # 8
+  - [3, 1, Conv, [32, 1, 1, None, 1, 1, False]]  # 9
+  - [[-2, -1], 1, Concat, [1]]  # 10
+  - [-1, 1, RepC3, [32, 0.5]]  # 11
+  - [-1, 1, Conv, [32, 1, 1]]  # 12
+  - [-1, 1, nn.Upsample, [None, 2, 'nearest']]  # 13
+  - [2, 1, Conv, [32, 1, 1, None, 1, 1, False]]  # 14
+  - [[-2, -1], 1, Concat, [1]]  # 15
+  - [-1, 1, RepC3, [32, 0.5]]  # 16
+  - [-1, 1, Conv, [32, 3, 2]]  # 17
+  - [[-1, 12], 1, Concat, [1]]  # 18
+  - [-1, 1, RepC3, [32, 0.5]]  # 19
+  - [-1, 1, Conv, [32, 3, 2]]  # 20
+  - [[-1, 7], 1, Concat, [1]]  # 21
+  - [-1, 1, RepC3, [32, 0.5]]  # 22
+  - [[16, 19, 22], 1, RTDETRDecoder, [nc, 32, 10, 2, 2, 1, 64, 0.0, null, -1, 10]]  # 23
+"""
+
+
+def revcol(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the installed console script offline, with Ultralytics settings in ``cwd`` and network attempts logged.
+
+    Commands that write runs pass ``project=`` too: Ultralytics' default runs folder is under the git root
+    of its own installation (this checkout, for a venv inside it), not under the current directory.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}  # else Ultralytics redirects runs/
+    env.update(
+        YOLO_OFFLINE="true",
+        YOLO_CONFIG_DIR=str(cwd / "ultralytics-config"),
+        REVCOL_NETWORK_LOG=str(cwd / "network.log"),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(NETGUARD), env.get("PYTHONPATH")])),
+        OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "2"),
+    )
+    return subprocess.run([str(REVCOL), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def no_network(cwd: Path) -> None:
+    log = cwd / "network.log"
+    assert not log.exists(), f"network access attempted:\n{log.read_text()}"
+
+
+def test_console_script_is_installed():
+    assert REVCOL.is_file(), f"{REVCOL} missing: pip install -e ."
+
+
+@pytest.mark.parametrize("flag", ["help", "--help"])
+def test_help(tmp_path, flag):
+    run = revcol(flag, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert HELP in run.stdout
+    for text in ("revcol demo", "revcol info", "train, val, predict, export", "yolo help", "rtdetr-revcol.yaml"):
+        assert text in run.stdout, text
+
+
+def test_no_arguments_prints_help(capsys):
+    assert main([]) == 0
+    assert capsys.readouterr().out == HELP
+
+
+def test_info_table(tmp_path):
+    run = revcol("info", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    lines = {line.split()[0]: line.split() for line in run.stdout.splitlines() if line.startswith("revcol_")}
+    assert list(lines) == ["revcol_tiny", "revcol_small", "revcol_base", "revcol_large", "revcol_xlarge"]
+    # params (M) as in the paper, and the columns
+    assert [row[4] for row in lines.values()] == ["29.9", "60.1", "138.0", "272.1", "832.0"]
+    assert lines["revcol_small"][1:4] == ["64-128-256-512", "2-2-4-2", "8"]
+    assert "GFLOPs @224" in run.stdout
+    # GFLOPs grow with the square of the image size
+    small = revcol("info", "revcol_small", "--imgsz", "448", cwd=tmp_path)
+    assert small.returncode == 0, small.stderr
+    row = next(line.split() for line in small.stdout.splitlines() if line.startswith("revcol_small"))
+    assert float(row[5]) == pytest.approx(4 * float(lines["revcol_small"][5]), rel=0.02)
+    assert "revcol_tiny" not in small.stdout
+
+
+def test_argument_errors_are_messages_not_tracebacks(tmp_path):
+    bad = revcol("train", "epochz=3", cwd=tmp_path)
+    assert bad.returncode == 2
+    assert "'epochz' is not a valid YOLO argument" in bad.stderr and "epochs" in bad.stderr
+    assert "Traceback" not in bad.stdout + bad.stderr
+
+
+def test_other_user_errors_are_messages_not_tracebacks(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("YOLO_OFFLINE", "true")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "model=no-such-rtdetr-revcol.yaml", "data=no-such-data.yaml"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("FileNotFoundError: ") and "no-such-rtdetr-revcol.yaml" in err
+
+    (tmp_path / "bad-rtdetr.yaml").write_text(TINY_MODEL.replace("layers: [1, 1, 1, 1], ", ""))
+    assert main(["val", "model=bad-rtdetr.yaml"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ValueError: ") and "needs channels, layers and num_subnet" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_info_of_a_model_yaml(monkeypatch, caplog):
+    monkeypatch.setenv("YOLO_OFFLINE", "true")
+    with caplog.at_level("INFO", logger="ultralytics"):
+        assert main(["info", "rtdetr-revcol-demo.yaml", "--imgsz", "128"]) == 0  # a shipped config, by bare name
+    out = caplog.text  # Ultralytics' summary is logged
+    assert "rtdetr-revcol-demo summary:" in out and "875,093 parameters" in out and "GFLOPs" in out
+
+
+def test_info_unknown_variant(capsys):
+    assert main(["info", "revcol_huge"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown variant 'revcol_huge'" in err and "revcol_small" in err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """A 1-epoch ``revcol train`` of a tiny custom RevCol RT-DETR on a generated dataset, in a fresh folder."""
+    cwd = tmp_path_factory.mktemp("cli")
+    data = generate_dataset(cwd / "shapes", n_train=8, n_val=4, imgsz=64, seed=0)
+    (cwd / "tiny-rtdetr-revcol.yaml").write_text(TINY_MODEL)
+    args = ["train", "model=tiny-rtdetr-revcol.yaml", f"data={data}", "epochs=1", "imgsz=64", "batch=4"]
+    run = revcol(*args, "workers=0", "plots=False", "device=cpu", f"project={cwd / 'runs' / 'detect'}", cwd=cwd)
+    return cwd, run
+
+
+def test_train(trained):
+    cwd, run = trained
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    save_dir = cwd / "runs" / "detect" / "train"
+    for name in ("weights/best.pt", "weights/last.pt", "results.csv", "args.yaml"):
+        assert (save_dir / name).is_file(), name
+    with open(save_dir / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1 and "metrics/mAP50(B)" in rows[0]
+    printed = run.stdout + run.stderr
+    assert "RevColBackbone" in printed  # Ultralytics' model summary lists the backbone layer
+    assert "1 epochs completed" in printed and str(save_dir) in printed
+    no_network(cwd)
+
+
+def test_predict_with_trained_weights(trained):
+    cwd, _ = trained
+    best = cwd / "runs" / "detect" / "train" / "weights" / "best.pt"
+    source = cwd / "shapes" / "images" / "test"
+    project = f"project={cwd / 'runs' / 'detect'}"
+    run = revcol("predict", f"model={best}", f"source={source}", "imgsz=64", "device=cpu", project, cwd=cwd)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    save_dir = cwd / "runs" / "detect" / "predict"
+    saved = sorted(save_dir.glob("*.jpg"))  # Ultralytics saves annotated images as JPEG
+    assert [p.stem for p in saved] == sorted(p.stem for p in source.glob("*.png"))
+    assert all(p.stat().st_size > 0 for p in saved)
+    assert "Results saved to" in run.stdout + run.stderr
+    no_network(cwd)
