@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from revcol.demo import CLASSES, MAX_SHAPES, generate_dataset
+from revcol.demo import CLASSES, MAX_SHAPES, generate_dataset, offline
 
 REVCOL = Path(sys.executable).with_name("revcol")
 NETGUARD = Path(__file__).parent / "_netguard"
@@ -96,6 +96,26 @@ def test_same_seed_same_files(tmp_path):
 def test_bad_arguments(tmp_path, kwargs):
     with pytest.raises(ValueError):
         generate_dataset(tmp_path, **{"n_train": 2, "n_val": 1, "imgsz": 64, "seed": 0, **kwargs})
+
+
+def test_offline_block(tmp_path, monkeypatch):
+    from ultralytics.data import utils as data_utils
+    from ultralytics.utils import checks, events, plotting
+
+    monkeypatch.setattr(checks, "USER_CONFIG_DIR", tmp_path)  # no Arial.ttf there
+
+    def state():
+        return checks.check_font, data_utils.check_font, plotting.check_font, checks.ONLINE, events.events.enabled
+
+    before = state()
+    with offline():
+        font = plotting.check_font("Arial.ttf")
+        assert font is not None and font.name == "DejaVuSans.ttf" and font.is_file()
+        assert data_utils.check_font("Arial.Unicode.ttf") == font
+        assert checks.ONLINE is False and events.events.enabled is False
+        (tmp_path / "Arial.ttf").write_bytes(font.read_bytes())
+        assert checks.check_font("Arial.ttf") == tmp_path / "Arial.ttf"  # a font already there is used
+    assert state() == before
 
 
 def revcol_env(tmp_path: Path) -> dict[str, str]:

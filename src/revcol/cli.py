@@ -49,8 +49,9 @@ Examples:
     revcol val model=runs/detect/train/weights/best.pt data=path/to/data.yaml
     revcol predict model=runs/detect/train/weights/best.pt source=path/to/images
     revcol export model=runs/detect/train/weights/best.pt format=onnx
-    revcol demo --output revcol-demo
+    revcol demo --output revcol-demo     (about 6 minutes on 2 CPU cores; `revcol demo --help` for options)
     revcol info revcol_small --imgsz 640
+    revcol info rtdetr-revcol.yaml --imgsz 640
 
 In a model YAML, a RevCol backbone is one row that expands to layers 0-4
 (0 backbone, 1 stride 4, 2 stride 8, 3 stride 16, 4 stride 32):
@@ -97,7 +98,7 @@ def _ultralytics(args: list[str]) -> int:
     from ultralytics.engine import model as engine_model
 
     import revcol  # noqa: F401  (registers the backbones)
-    from revcol.demo import offline_fonts
+    from revcol.demo import offline
 
     # Ultralytics reads the command line from these module globals (copies of sys.argv) and recognises its
     # CLI by the program name, e.g. `yolo predict` saves annotated results by default; so, seen from there,
@@ -107,7 +108,7 @@ def _ultralytics(args: list[str]) -> int:
         for module in (cfg, engine_model):
             stack.enter_context(_replaced(module, "ARGV", argv))
         if _env_true("YOLO_OFFLINE"):
-            stack.enter_context(offline_fonts())
+            stack.enter_context(offline())
         cfg.entrypoint()
     return 0
 
