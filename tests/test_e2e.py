@@ -9,20 +9,19 @@ import sys
 import textwrap
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 import torch
-import yaml
 from ultralytics import RTDETR, YOLO
 
+from revcol.demo import generate_dataset
 from revcol.integration import RevColBackbone
 from revcol.trainers import RevColDetectionTrainer, RevColRTDETRTrainer, no_decay_parameters
 
 IMGSZ = 64
 BACKBONE = "[-1, 1, revcol, [{channels: [8, 16, 24, 32], layers: [1, 1, 1, 1], num_subnet: 2, drop_path: 0.1}]]"
 YOLO_TINY = f"""
-nc: 2
+nc: 3
 backbone:
   - {BACKBONE}  # 0-4
 head:
@@ -36,34 +35,11 @@ head:
 """
 
 
-def make_dataset(root: Path, n_train: int = 8, n_val: int = 4, seed: int = 0) -> Path:
-    """Coloured squares (class 0 red, class 1 green) on grey, YOLO labels."""
-    rng = np.random.default_rng(seed)
-    for split, count in (("train", n_train), ("val", n_val)):
-        (root / "images" / split).mkdir(parents=True)
-        (root / "labels" / split).mkdir(parents=True)
-        for i in range(count):
-            image = np.full((IMGSZ, IMGSZ, 3), 60, np.uint8)
-            rows = []
-            for cls in (0, 1):
-                side = int(rng.integers(IMGSZ // 6, IMGSZ // 3))
-                x, y = (int(v) for v in rng.integers(0, IMGSZ - side, 2))
-                cv2.rectangle(image, (x, y), (x + side, y + side), (0, 0, 255) if cls == 0 else (0, 255, 0), -1)
-                rows.append(f"{cls} {(x + side / 2) / IMGSZ} {(y + side / 2) / IMGSZ} {side / IMGSZ} {side / IMGSZ}")
-            cv2.imwrite(str(root / "images" / split / f"{i}.png"), image)
-            (root / "labels" / split / f"{i}.txt").write_text("\n".join(rows))
-    data = root / "data.yaml"
-    data.write_text(
-        yaml.safe_dump({"path": str(root), "train": "images/train", "val": "images/val", "names": ["red", "green"]})
-    )
-    return data
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     (root / "yolo-tiny-revcol.yaml").write_text(YOLO_TINY)
-    return root, make_dataset(root / "data")
+    return root, generate_dataset(root / "data", n_train=8, n_val=4, imgsz=IMGSZ, seed=0)
 
 
 def _train(model, workspace, name):
@@ -134,13 +110,16 @@ def test_optimizer_groups_exempt_alphas_and_gammas(trained):
 
 
 def test_val_returns_metrics(trained, workspace):
-    metrics = trained.val(data=str(workspace[1]), imgsz=IMGSZ, batch=4, workers=0, plots=False, verbose=False)
+    root, data = workspace
+    metrics = trained.val(
+        data=str(data), imgsz=IMGSZ, batch=4, workers=0, plots=False, verbose=False, project=str(root / "runs")
+    )
     assert 0.0 <= metrics.box.map50 <= 1.0
     assert "metrics/mAP50(B)" in metrics.results_dict
 
 
 def test_best_pt_predicts_same_boxes_in_fresh_processes(trained, workspace):
-    image = workspace[1].parent / "images" / "val" / "0.png"
+    image = next((workspace[1].parent / "images" / "val").glob("*.png"))
     best = Path(trained.trainer.best)
     expected = _boxes(type(trained)(str(best)), str(image))
     assert expected, "predict returned no boxes"
