@@ -1,0 +1,60 @@
+"""Smoke test of the benchmark suite (benchmarks/run.py --quick): it runs and reports; no timing assertions."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    if not (BENCHMARKS / "run.py").is_file():
+        pytest.skip("benchmarks/ is not part of this installation")
+    spec = importlib.util.spec_from_file_location("revcol_benchmarks_run", BENCHMARKS / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_quick_run_writes_a_table_and_a_plot(bench, tmp_path):
+    threads = torch.get_num_threads()
+    results, plot = tmp_path / "results.md", tmp_path / "benchmark.png"
+    try:
+        text = bench.main(["--quick", "--repeats", "1", "--results", str(results), "--plot", str(plot)])
+    finally:
+        torch.set_num_threads(threads)
+    assert results.read_text() == text
+    assert "| metric | goal | measured | met |" in text
+    for section in ("construction", "exactness", "memory", "train", "eval", "scaling", "compile", "cuda"):
+        assert f"### {section}" in text
+    for row in ("fp32 grad rel. error", "saved MB, reversible", "train step: baseline rev / ours rev", "eval 64x64"):
+        assert row in text
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_reference_baseline_matches_the_library(bench):
+    """The benchmark's reference model takes our state dict and computes the same outputs and gradients."""
+    cfg = bench.QUICK
+    ours = bench.layer_scale_(bench.build(cfg), 0.1).double()
+    base = bench.build(cfg, "baseline").double()
+    base.load_state_dict(ours.state_dict())
+    assert [n for n, _ in base.named_parameters()] == [n for n, _ in ours.named_parameters()]
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    ref = bench.gradients(ours, x, "plain")
+    for model, mode in ((ours, "rev"), (ours, "ckpt"), (base, "plain"), (base, "rev")):
+        grads = bench.gradients(model, x, mode)
+        assert max(bench.rel_err(grads[n], ref[n]) for n in ref) < 1e-9, (type(model).__name__, mode)
+
+
+def test_unknown_section_is_an_error(bench, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--sections", "nope", "--no-write"])
+    assert "unknown section" in capsys.readouterr().err
