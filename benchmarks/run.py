@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import gc
+import math
 import platform
 import statistics
 import sys
@@ -58,7 +60,7 @@ class Config:
     drop_path: float = 0.3
     size: int = 224
     batch: int = 2
-    repeats: int = 7
+    repeats: int = 11
     exact_columns: tuple[int, ...] = (4, 8, 16)
     exact_size: int = 224
     memory_columns: tuple[int, ...] = (2, 4, 8)
@@ -71,6 +73,7 @@ class Config:
     cuda_size: int = 640
     cuda_batch: int = 4
     name: str = "revcol_small shape"
+    compile_eval: bool = True  # also time torch.compile of our eval model (needs a C++ compiler; ~1 min per size)
     smoke: bool = False  # goals are for the full configuration; a smoke run reports them as not applicable
     goals: dict = field(
         default_factory=lambda: {
@@ -106,6 +109,7 @@ QUICK = Config(
     cuda_size=64,
     cuda_batch=2,
     name="tiny (smoke)",
+    compile_eval=False,
     smoke=True,
 )
 
@@ -121,8 +125,13 @@ def build(cfg: Config, impl: str = "ours", columns: int | None = None, save_memo
 # measurement helpers
 
 
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median wall time of each callable; all run in turn every round (order rotated each round)."""
+def interleaved(
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, minima: dict[str, float] | None = None
+) -> dict[str, float]:
+    """Median wall time of each callable; all run in turn every round (order rotated each round).
+
+    ``minima``, when given, also gets each callable's fastest time (the least disturbed by other load).
+    """
     names = list(fns)
     for _ in range(warmup):
         for name in names:
@@ -135,6 +144,8 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int 
             start = time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - start)
+    if minima is not None:
+        minima.update({name: min(values) for name, values in times.items()})
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -443,7 +454,8 @@ def section_train(cfg: Config) -> tuple[list[str], list[Summary]]:
         "ours ckpt": lambda: train_step(ours, x, "ckpt"),
         "baseline plain": lambda: train_step(base, x, "plain"),
     }
-    t = interleaved(fns, cfg.repeats)
+    fastest: dict[str, float] = {}
+    t = interleaved(fns, cfg.repeats, minima=fastest)
     speedup = t["baseline rev"] / t["ours rev"]
     overhead = t["ours rev"] / t["ours plain"]
     fwd = {name: statistics.median(f for f, _ in values) for name, values in splits.items()}
@@ -455,9 +467,13 @@ def section_train(cfg: Config) -> tuple[list[str], list[Summary]]:
         f"Training step (zero_grad + forward + backward), {cfg.name}, {cfg.columns} columns, {cfg.size}x{cfg.size}, "
         f"batch {cfg.batch}, drop-path {cfg.drop_path}; median of {cfg.repeats}:",
         "",
-        "| implementation | median s | vs ours plain |",
-        "|---|---|---|",
-        *(f"| {name} | {value:.3f} | {value / t['ours plain']:.2f}x |" for name, value in t.items()),
+        "| implementation | median s | vs ours plain | fastest s | fastest vs ours plain |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {name} | {value:.3f} | {value / t['ours plain']:.2f}x | {fastest[name]:.3f} "
+            f"| {fastest[name] / fastest['ours plain']:.2f}x |"
+            for name, value in t.items()
+        ),
         "",
         f"Split (medians): ours plain forward {fwd['ours plain']:.3f} s + backward {bwd['ours plain']:.3f} s; "
         f"ours reversible forward (no graph) {fwd['ours rev']:.3f} s + backward (recompute + backward) "
@@ -468,13 +484,14 @@ def section_train(cfg: Config) -> tuple[list[str], list[Summary]]:
         Summary(
             "train step: baseline rev / ours rev",
             f">= {cfg.goals['train_vs_baseline']}x",
-            fmt_ratio(speedup),
+            f"{fmt_ratio(speedup)} (fastest runs: {fmt_ratio(fastest['baseline rev'] / fastest['ours rev'])})",
             speedup >= cfg.goals["train_vs_baseline"],
         ),
         Summary(
             "train step: ours rev / ours plain",
             f"<= {cfg.goals['rev_vs_plain']}x",
-            fmt_ratio(overhead),
+            f"{fmt_ratio(overhead)} (fastest runs: {fmt_ratio(fastest['ours rev'] / fastest['ours plain'])}; "
+            f"bound {fmt_ratio(bound)})",
             overhead <= cfg.goals["rev_vs_plain"],
         ),
         Summary("train step: ours ckpt / ours plain (info)", "-", fmt_ratio(t["ours ckpt"] / t["ours plain"]), None),
@@ -486,36 +503,56 @@ def section_eval(cfg: Config) -> tuple[list[str], list[Summary]]:
     base = build(cfg, "baseline").eval()
     layer_scale_(ours, 0.1)
     base.load_state_dict(ours.state_dict())
+    compiled = "ours torch.compile" if cfg.compile_eval else None
     lines = [
-        f"Eval forward (`torch.no_grad`), batch 1, {cfg.name}, {cfg.columns} columns; median of {cfg.repeats}:",
+        f"Eval forward (`torch.no_grad`), batch 1, {cfg.name}, {cfg.columns} columns; median of {cfg.repeats}"
+        + (
+            "; `torch.compile(dynamic=False)` (inductor, compiled once per input size, outside the timing) "
+            "of our eval model as extra information:"
+            if compiled
+            else ":"
+        ),
         "",
-        "| input | baseline s | ours s | speed-up | max rel. output difference |",
-        "|---|---|---|---|---|",
+        "| input | baseline s | ours s | speed-up | max rel. output difference |"
+        + (" torch.compile s | compiled speed-up | compiled output difference |" if compiled else ""),
+        "|---|---|---|---|---|" + ("---|---|---|" if compiled else ""),
     ]
     summaries = []
     for size in cfg.eval_sizes:
         x = torch.randn(1, 3, size, size)
-        with torch.no_grad():
-            diff = max(rel_err(a, b) for a, b in zip(ours(x), base(x), strict=True))
 
-            def run(model, x=x):
-                with torch.no_grad():
-                    model(x)
+        def run(model, x=x):
+            with torch.no_grad():
+                return model(x)
 
-            t = interleaved(
-                {"baseline": functools.partial(run, base), "ours": functools.partial(run, ours)}, cfg.repeats
-            )
+        fns = {"baseline": functools.partial(run, base), "ours": functools.partial(run, ours)}
+        reference = run(ours)
+        diff = max(rel_err(a, b) for a, b in zip(reference, run(base), strict=True))
+        extra = ""
+        if compiled:
+            try:
+                torch._dynamo.reset()
+                fns[compiled] = functools.partial(run, torch.compile(ours, dynamic=False))
+                compiled_diff = max(rel_err(a, b) for a, b in zip(fns[compiled](), reference, strict=True))
+            except Exception as error:  # no C++ compiler, unsupported platform...: report, carry on
+                fns.pop(compiled, None)
+                extra = f" compile failed: {type(error).__name__} | - | - |"
+        fastest: dict[str, float] = {}
+        t = interleaved(fns, cfg.repeats, minima=fastest)
+        if compiled in t:
+            extra = f" {t[compiled]:.3f} | {t['baseline'] / t[compiled]:.2f}x | {compiled_diff:.1e} |"
         speedup = t["baseline"] / t["ours"]
-        lines.append(f"| {size}x{size} | {t['baseline']:.3f} | {t['ours']:.3f} | {speedup:.2f}x | {diff:.1e} |")
+        lines.append(f"| {size}x{size} | {t['baseline']:.3f} | {t['ours']:.3f} | {speedup:.2f}x | {diff:.1e} |" + extra)
         ok = speedup >= cfg.goals["eval_vs_baseline"] and diff <= cfg.goals["eval_match"]
         summaries.append(
             Summary(
-                f"eval {size}x{size}: baseline / ours (outputs match)",
+                f"eval {size}x{size}: baseline / ours, eager (outputs match)",
                 f">= {cfg.goals['eval_vs_baseline']}x, <= {cfg.goals['eval_match']:.0e}",
-                f"{speedup:.2f}x, {diff:.1e}",
+                f"{speedup:.2f}x (fastest runs: {fastest['baseline'] / fastest['ours']:.2f}x), {diff:.1e}",
                 ok,
             )
         )
+    torch._dynamo.reset()
     return lines, summaries
 
 
@@ -581,46 +618,81 @@ def section_compile(cfg: Config) -> tuple[list[str], list[Summary]]:
 def section_cuda(cfg: Config) -> tuple[list[str], list[Summary]]:
     if not torch.cuda.is_available():
         return ["CUDA: skipped (no GPU available)."], []
-    device = torch.device("cuda")
+    lines, results = device_steps(cfg, torch.device("cuda"))
+    summaries = []
+    for precision in ("fp32", "fp16 autocast"):
+        plain, rev = results.get(("plain", precision)), results.get(("rev", precision))
+        if plain and rev:
+            summaries.append(
+                Summary(
+                    f"CUDA {cfg.cuda_size}x{cfg.cuda_size} batch {cfg.cuda_batch} {precision}: rev / plain (info)",
+                    "-",
+                    f"time {rev[0] / plain[0]:.2f}x, peak memory {rev[1] / plain[1]:.2f}x",
+                    None,
+                )
+            )
+    return lines, summaries
+
+
+def device_steps(cfg: Config, device: torch.device) -> tuple[list[str], dict[tuple[str, str], tuple[float, float]]]:
+    """Training-step time and peak memory, plain vs reversible, fp32 and under autocast, on ``device``.
+
+    Meant for CUDA (fp16 autocast, ``torch.cuda.max_memory_allocated``); on the CPU (the smoke test runs it
+    there) it uses bfloat16 autocast and reports no peak.
+    """
+    cuda = device.type == "cuda"
+    amp_dtype = torch.float16 if cuda else torch.bfloat16
+    label = torch.cuda.get_device_name(device) if cuda else "CPU"
     lines = [
-        f"CUDA ({torch.cuda.get_device_name(device)}), {cfg.name}, {cfg.columns} columns, "
-        f"{cfg.cuda_size}x{cfg.cuda_size}, batch {cfg.cuda_batch}; peak = `torch.cuda.max_memory_allocated` "
-        f"during a step (parameters and gradients included); median of {cfg.repeats} steps:",
+        f"{label}, {cfg.name}, {cfg.columns} columns, {cfg.cuda_size}x{cfg.cuda_size}, batch {cfg.cuda_batch}; "
+        "peak = `torch.cuda.max_memory_allocated` over the timed steps (parameters and gradients included); "
+        f"median of {cfg.repeats} steps:",
         "",
         "| mode | precision | step s | peak MB |",
         "|---|---|---|---|",
     ]
+    results: dict[tuple[str, str], tuple[float, float]] = {}
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
     x = torch.randn(cfg.cuda_batch, 3, cfg.cuda_size, cfg.cuda_size, device=device)
     for mode in ("plain", "rev"):
         for amp in (False, True):
+            precision = ("fp16 autocast" if cuda else "bf16 autocast") if amp else "fp32"
             torch.manual_seed(0)
             model = build(cfg).to(device)
-            autocast = torch.autocast("cuda", dtype=torch.float16, enabled=amp)
 
-            def step(model=model, mode=mode, autocast=autocast):
-                with autocast:
+            def step(model=model, mode=mode, amp=amp):
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
                     train_step(model, x, mode)
 
             try:
-                step()
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats(device)
+                step()  # warm-up (cuDNN autotuning, allocator)
+                sync()
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats(device)
                 times = []
                 for _ in range(cfg.repeats):
                     start = time.perf_counter()
                     step()
-                    torch.cuda.synchronize()
+                    sync()
                     times.append(time.perf_counter() - start)
-                peak = torch.cuda.max_memory_allocated(device) / MB
+                peak = torch.cuda.max_memory_allocated(device) / MB if cuda else math.nan
+                results[mode, precision] = (statistics.median(times), peak)
                 lines.append(
-                    f"| {mode} | {'fp16 autocast' if amp else 'fp32'} | {statistics.median(times):.3f} | {peak:.0f} |"
+                    f"| {mode} | {precision} | {statistics.median(times):.3f} | {peak:.0f} |"
+                    if cuda
+                    else f"| {mode} | {precision} | {statistics.median(times):.3f} | n/a |"
                 )
             except torch.cuda.OutOfMemoryError:
-                lines.append(f"| {mode} | {'fp16 autocast' if amp else 'fp32'} | out of memory | - |")
-            del model
+                lines.append(f"| {mode} | {precision} | out of memory | - |")
+            del model, step
             gc.collect()
-            torch.cuda.empty_cache()
-    return lines, []
+            if cuda:
+                torch.cuda.empty_cache()
+    return lines, results
 
 
 SECTIONS = {
@@ -718,17 +790,20 @@ def main(argv: list[str] | None = None) -> str:
         "--sections", default=",".join(SECTIONS), help="comma-separated subset of: " + ", ".join(SECTIONS)
     )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default 2; quick 1)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per comparison (default 7; quick 3)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per comparison (default 11; quick 3)")
     parser.add_argument("--results", type=Path, default=None, help="Markdown report (default benchmarks/results.md)")
     parser.add_argument("--plot", type=Path, default=None, help="PNG plot (default docs/benchmark.png)")
     parser.add_argument("--no-write", action="store_true", help="print only; write neither report nor plot")
+    parser.add_argument("--no-compile", action="store_true", help="skip timing torch.compile in the eval section")
     args = parser.parse_args(argv)
 
     # Tiny tensors on a busy 2-core machine spend most of their time in thread-pool synchronisation.
     torch.set_num_threads(args.threads or (1 if args.quick else 2))
-    cfg = QUICK if args.quick else Config()
+    cfg = dataclasses.replace(QUICK) if args.quick else Config()
     if args.repeats is not None:
         cfg.repeats = args.repeats
+    if args.no_compile:
+        cfg.compile_eval = False
     wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = sorted(set(wanted) - set(SECTIONS))
     if unknown:
@@ -763,6 +838,15 @@ def main(argv: list[str] | None = None) -> str:
         *summary_table(summaries),
         "",
         *details,
+    ]
+    report += [
+        "### notes",
+        "",
+        "- Timings come from one process on a machine that may be shared: every comparison interleaves its "
+        "candidates round by round and reports medians, so read the ratios, not the absolute seconds.",
+        "- `FullNet` runs channels-last in memory (its conv weights are allocated channels-last; parameter names "
+        "and shapes are those of the authors' checkpoints), so its outputs are channels-last tensors of the usual "
+        "NCHW shapes.",
     ]
     text = "\n".join(report).rstrip() + "\n"
     print(text)

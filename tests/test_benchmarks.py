@@ -58,3 +58,16 @@ def test_unknown_section_is_an_error(bench, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--quick", "--sections", "nope", "--no-write"])
     assert "unknown section" in capsys.readouterr().err
+
+
+def test_device_section_code_path_on_cpu(bench):
+    """The CUDA section's step loop (skipped without a GPU) also runs on the CPU: exercise it there."""
+    cfg = bench.dataclasses.replace(bench.QUICK, repeats=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        lines, results = bench.device_steps(cfg, torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert set(results) == {(m, p) for m in ("plain", "rev") for p in ("fp32", "bf16 autocast")}
+    assert sum(line.startswith("| rev |") for line in lines) == 2
