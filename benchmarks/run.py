@@ -1,6 +1,6 @@
 """RevCol benchmark suite: exactness, saved memory, training / inference speed, construction, scaling.
 
-    python benchmarks/run.py            # full run (revcol_small shape; ~15-25 min on 2 CPU cores)
+    python benchmarks/run.py            # full run (revcol_small shape; ~8 min on 2 CPU cores)
     python benchmarks/run.py --quick    # smoke run on a tiny configuration (seconds)
 
 Every timing compares implementations side by side in one process: the candidates run in turn,
