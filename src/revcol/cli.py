@@ -98,7 +98,7 @@ def _ultralytics(args: list[str]) -> int:
     from ultralytics.engine import model as engine_model
 
     import revcol  # noqa: F401  (registers the backbones)
-    from revcol.demo import offline
+    from revcol.demo import offline, replaced
 
     # Ultralytics reads the command line from these module globals (copies of sys.argv) and recognises its
     # CLI by the program name, e.g. `yolo predict` saves annotated results by default; so, seen from there,
@@ -106,21 +106,11 @@ def _ultralytics(args: list[str]) -> int:
     argv = ["yolo", *args]
     with contextlib.ExitStack() as stack:
         for module in (cfg, engine_model):
-            stack.enter_context(_replaced(module, "ARGV", argv))
+            stack.enter_context(replaced(module, "ARGV", argv))
         if _env_true("YOLO_OFFLINE"):
             stack.enter_context(offline())
         cfg.entrypoint()
     return 0
-
-
-@contextlib.contextmanager
-def _replaced(owner, name: str, value):
-    saved = getattr(owner, name)
-    setattr(owner, name, value)
-    try:
-        yield
-    finally:
-        setattr(owner, name, saved)
 
 
 def _version() -> int:

@@ -209,14 +209,15 @@ def offline():
     with contextlib.ExitStack() as stack:
         for owner in (checks, data_utils, plotting):
             if getattr(owner, "check_font", None) is original:
-                stack.enter_context(_replaced(owner, "check_font", check_font))
-        stack.enter_context(_replaced(checks, "ONLINE", False))
-        stack.enter_context(_replaced(events_module.events, "enabled", False))
+                stack.enter_context(replaced(owner, "check_font", check_font))
+        stack.enter_context(replaced(checks, "ONLINE", False))
+        stack.enter_context(replaced(events_module.events, "enabled", False))
         yield
 
 
 @contextlib.contextmanager
-def _replaced(owner, name: str, value):
+def replaced(owner, name: str, value):
+    """Context manager: ``owner.name`` is ``value`` inside, its old value again after."""
     saved = getattr(owner, name)
     setattr(owner, name, value)
     try:
