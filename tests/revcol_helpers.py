@@ -1,8 +1,10 @@
-"""Shared helpers for the core tests: tiny models with non-trivial weights and gradient comparison."""
+"""Shared test helpers: tiny models with non-trivial weights, gradient comparison, CLI subprocess env."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -121,3 +123,19 @@ def assert_close_per_tensor(
 
 def count_nonzero_grads(grads: dict[str, torch.Tensor]) -> int:
     return sum(bool(g.abs().sum() > 0) for g in grads.values())
+
+
+NETGUARD = Path(__file__).parent / "_netguard"
+
+
+def revcol_env(workdir: Path) -> dict[str, str]:
+    """Env for a ``revcol`` subprocess: offline, settings in workdir, network attempts logged, not seen as pytest."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}  # else Ultralytics redirects runs/
+    env.update(
+        YOLO_OFFLINE="true",
+        YOLO_CONFIG_DIR=str(workdir / "ultralytics-config"),
+        REVCOL_NETWORK_LOG=str(workdir / "network.log"),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(NETGUARD), env.get("PYTHONPATH")])),
+        OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "2"),
+    )
+    return env

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import csv
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from revcol_helpers import revcol_env
 
 from revcol.cli import HELP, main
 from revcol.demo import generate_dataset
 
 REVCOL = Path(sys.executable).with_name("revcol")
-NETGUARD = Path(__file__).parent / "_netguard"
 
 TINY_MODEL = """\
 # RT-DETR with a very small custom RevCol backbone, for tests.
@@ -50,14 +49,7 @@ def revcol(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedP
     Commands that write runs pass ``project=`` too: Ultralytics' default runs folder is under the git root
     of its own installation (this checkout, for a venv inside it), not under the current directory.
     """
-    env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}  # else Ultralytics redirects runs/
-    env.update(
-        YOLO_OFFLINE="true",
-        YOLO_CONFIG_DIR=str(cwd / "ultralytics-config"),
-        REVCOL_NETWORK_LOG=str(cwd / "network.log"),
-        PYTHONPATH=os.pathsep.join(filter(None, [str(NETGUARD), env.get("PYTHONPATH")])),
-        OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "2"),
-    )
+    env = revcol_env(cwd)
     return subprocess.run([str(REVCOL), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 

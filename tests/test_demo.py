@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,11 +11,11 @@ import cv2
 import numpy as np
 import pytest
 import yaml
+from revcol_helpers import revcol_env
 
 from revcol.demo import CLASSES, MAX_SHAPES, generate_dataset, offline
 
 REVCOL = Path(sys.executable).with_name("revcol")
-NETGUARD = Path(__file__).parent / "_netguard"
 # Share of a shape's box painted in the shape's colour, per class.
 FILL = {"circle": (0.68, 0.86), "square": (1.0, 1.0), "triangle": (0.45, 0.62)}
 
@@ -116,19 +115,6 @@ def test_offline_block(tmp_path, monkeypatch):
         (tmp_path / "Arial.ttf").write_bytes(font.read_bytes())
         assert checks.check_font("Arial.ttf") == tmp_path / "Arial.ttf"  # a font already there is used
     assert state() == before
-
-
-def revcol_env(tmp_path: Path) -> dict[str, str]:
-    """Offline, settings in tmp_path, network attempts logged, not seen by Ultralytics as a pytest run."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
-    env.update(
-        YOLO_OFFLINE="true",
-        YOLO_CONFIG_DIR=str(tmp_path / "ultralytics-config"),
-        REVCOL_NETWORK_LOG=str(tmp_path / "network.log"),
-        PYTHONPATH=os.pathsep.join(filter(None, [str(NETGUARD), env.get("PYTHONPATH")])),
-        OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "2"),
-    )
-    return env
 
 
 def test_shortened_demo_writes_every_promised_output(tmp_path):
