@@ -214,12 +214,16 @@ def trunc_normal_(tensor: torch.Tensor, std: float, a: float, b: float) -> torch
     return tensor
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not to a config
+
+
 def _check_int_list(name: str, value: Sequence[int]) -> tuple[int, ...]:
     if (
         not isinstance(value, Sequence)
         or isinstance(value, str)
         or len(value) != NUM_LEVELS
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+        or not all(_is_int(v) and v > 0 for v in value)
     ):
         raise ValueError(f"{name} must be {NUM_LEVELS} positive ints (one per level), got {value!r}")
     return tuple(value)
@@ -245,9 +249,9 @@ class FullNet(nn.Module):
         super().__init__()
         channels = _check_int_list("channels", channels)
         layers = _check_int_list("layers", layers)
-        if not isinstance(num_subnet, int) or isinstance(num_subnet, bool) or num_subnet < 1:
+        if not _is_int(num_subnet) or num_subnet < 1:
             raise ValueError(f"num_subnet must be an int >= 1, got {num_subnet!r}")
-        if not isinstance(kernel_size, int) or isinstance(kernel_size, bool) or kernel_size < 1 or kernel_size % 2 == 0:
+        if not _is_int(kernel_size) or kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
         if not isinstance(drop_path, (int, float)) or isinstance(drop_path, bool) or not 0 <= drop_path < 1:
             raise ValueError(f"drop_path must be a number in [0, 1), got {drop_path!r}")
