@@ -180,6 +180,24 @@ def test_train_mode_without_drop_path_equals_eval_for_both_paths():
             torch.testing.assert_close(a.detach(), e, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("no_autograd", [torch.no_grad, torch.inference_mode])
+def test_forward_without_autograd_leaves_its_inputs_untouched(no_autograd):
+    """Without autograd blocks and columns overwrite their own intermediates, never a tensor they were given."""
+    model = make_net(layers=(2, 1, 2, 1), num_subnet=2).eval()
+    subnet: SubNet = model.subnet1
+    with no_autograd():
+        stem = model.stem(make_input(2, 64, 64))
+        previous = model.subnet0(stem, None)
+        given = [t.clone() for t in (stem, *previous)]
+        outputs = subnet(stem, previous)
+    for tensor, copy in zip((stem, *previous), given, strict=True):
+        assert torch.equal(tensor, copy)
+    assert not {t.data_ptr() for t in outputs} & {t.data_ptr() for t in (stem, *previous)}
+    expected = subnet(stem.clone(), [p.clone() for p in previous])  # autograd on: nothing is overwritten
+    for a, e in zip(outputs, expected, strict=True):
+        torch.testing.assert_close(a, e.detach(), rtol=1e-12, atol=1e-12)
+
+
 def test_column_inputs_are_recovered_from_its_outputs():
     """Design section 2: a column's inputs are recovered exactly from x and its outputs, level 3 first."""
     model = make_net(num_subnet=2)

@@ -24,6 +24,16 @@ NORM_EPS = 1e-6
 Features = list[torch.Tensor]
 
 
+def _overwritable(out: torch.Tensor, *operands: torch.Tensor) -> bool:
+    """Whether an op on ``out`` and ``operands`` may write its result into ``out`` (a fresh intermediate).
+
+    Only without autograd (nothing saves ``out`` for backward) and when type promotion would not change
+    ``out``'s dtype (it does under autocast). Overwriting saves allocating a fresh multi-MB buffer per op,
+    which on CPU is page-faulted in on every call and costs more than the arithmetic (see benchmarks/).
+    """
+    return not torch.is_grad_enabled() and all(t.dtype == out.dtype for t in operands)
+
+
 class ConvNextBlock(nn.Module):
     """ConvNeXt block: depthwise conv, channels-last LayerNorm + MLP, layer scale, drop-path."""
 
@@ -40,7 +50,12 @@ class ConvNextBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # On a channels-last x (FullNet runs channels-last) both permutes are views, not copies.
         y = self.dwconv(x).permute(0, 2, 3, 1)
-        y = self.pwconv2(self.act(self.pwconv1(self.norm(y))))
+        hidden = self.pwconv1(self.norm(y))
+        if _overwritable(hidden):
+            hidden = torch.ops.aten.gelu_(hidden, approximate=self.act.approximate)
+        else:
+            hidden = self.act(hidden)
+        y = self.pwconv2(hidden).permute(0, 3, 1, 2)
         # Layer scale, drop-path and the residual add in one pass: x + y * (gamma * mask).
         scale = self.gamma.view(1, -1, 1, 1)
         drop = self.drop_path
@@ -51,7 +66,7 @@ class ConvNextBlock(nn.Module):
             if keep > 0 and drop.scale_by_keep:
                 mask.div_(keep)
             scale = scale * mask
-        return torch.addcmul(x, y.permute(0, 3, 1, 2), scale)
+        return torch.addcmul(x, y, scale, out=y) if _overwritable(y, x, scale) else torch.addcmul(x, y, scale)
 
 
 class UpSample(nn.Module):
@@ -85,9 +100,11 @@ class Fusion(nn.Module):
 
     def forward(self, c_down: torch.Tensor, c_up: torch.Tensor | None) -> torch.Tensor:
         out = self.down(c_down)
-        if self.up is not None:
-            out = out + self.up(c_up)
-        return out
+        if self.up is None:
+            return out
+        up = self.up(c_up)
+        # up is a fresh tensor, whereas out may be c_down itself.
+        return up.add_(out) if _overwritable(up, out) else out + up
 
 
 class Level(nn.Module):
@@ -173,7 +190,11 @@ class SubNet(nn.Module):
             c_up = previous[level + 1] if previous is not None and level < NUM_LEVELS - 1 else None
             out = module(c_down, c_up)
             if previous is not None:
-                out = torch.addcmul(out, alpha, previous[level])
+                # A level ends with a ConvNeXt block, so out is a fresh tensor.
+                if _overwritable(out, alpha, previous[level]):
+                    out = out.addcmul_(alpha, previous[level])
+                else:
+                    out = torch.addcmul(out, alpha, previous[level])
             elif alpha.requires_grad and torch.is_grad_enabled():
                 # The first column multiplies alpha by zeros; keeping it in the graph gives it a zero
                 # gradient, which DDP(find_unused_parameters=False) needs from every parameter.
