@@ -33,7 +33,7 @@ def test_quick_run_writes_a_table_and_a_plot(bench, tmp_path):
         torch.set_num_threads(threads)
     assert results.read_text() == text
     assert "| metric | goal | measured | met |" in text
-    for section in ("construction", "exactness", "memory", "train", "eval", "scaling", "compile", "cuda"):
+    for section in ("construction", "exactness", "memory", "train", "eval", "scaling", "compile", "profile", "cuda"):
         assert f"### {section}" in text
     for row in ("fp32 grad rel. error", "saved MB, reversible", "train step: baseline rev / ours rev", "eval 64x64"):
         assert row in text

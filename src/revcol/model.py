@@ -24,14 +24,22 @@ NORM_EPS = 1e-6
 Features = list[torch.Tensor]
 
 
-def _overwritable(out: torch.Tensor, *operands: torch.Tensor) -> bool:
-    """Whether an op on ``out`` and ``operands`` may write its result into ``out`` (a fresh intermediate).
+def _may_reuse(producers: Sequence[nn.Module], out: torch.Tensor, *operands: torch.Tensor) -> bool:
+    """Whether an op on ``out`` and ``operands`` may write its result into ``out`` instead of a new tensor.
 
-    Only without autograd (nothing saves ``out`` for backward) and when type promotion would not change
-    ``out``'s dtype (it does under autocast). Overwriting saves allocating a fresh multi-MB buffer per op,
-    which on CPU is page-faulted in on every call and costs more than the arithmetic (see benchmarks/).
+    Callers pass a tensor that a module has just returned to them alone, and as ``producers`` every module
+    whose hooks could see it: the one that returned it and any whose call the in-place op stands in for.
+    Reuse then also needs no autograd (nothing saved ``out`` for backward), no tracing (exporters record
+    ops, not buffers), no hooks on the producers (a hook may keep ``out``) and a result dtype equal to
+    ``out``'s (autocast promotes). It spares a fresh multi-MB buffer per op, which on CPU is often
+    page-faulted in on every call (benchmarks/results.md, section eval).
     """
-    return not torch.is_grad_enabled() and all(t.dtype == out.dtype for t in operands)
+    return (
+        not torch.is_grad_enabled()
+        and not torch.jit.is_tracing()
+        and not any(module._forward_hooks or module._forward_pre_hooks for module in producers)
+        and all(t.dtype == out.dtype for t in operands)
+    )
 
 
 class ConvNextBlock(nn.Module):
@@ -51,7 +59,7 @@ class ConvNextBlock(nn.Module):
         # On a channels-last x (FullNet runs channels-last) both permutes are views, not copies.
         y = self.dwconv(x).permute(0, 2, 3, 1)
         hidden = self.pwconv1(self.norm(y))
-        if _overwritable(hidden):
+        if type(self.act) is nn.GELU and _may_reuse((self.act, self.pwconv1), hidden):
             hidden = torch.ops.aten.gelu_(hidden, approximate=self.act.approximate)
         else:
             hidden = self.act(hidden)
@@ -66,7 +74,9 @@ class ConvNextBlock(nn.Module):
             if keep > 0 and drop.scale_by_keep:
                 mask.div_(keep)
             scale = scale * mask
-        return torch.addcmul(x, y, scale, out=y) if _overwritable(y, x, scale) else torch.addcmul(x, y, scale)
+        if _may_reuse((self.pwconv2,), y, x, scale):
+            return torch.addcmul(x, y, scale, out=y)
+        return torch.addcmul(x, y, scale)
 
 
 class UpSample(nn.Module):
@@ -103,8 +113,8 @@ class Fusion(nn.Module):
         if self.up is None:
             return out
         up = self.up(c_up)
-        # up is a fresh tensor, whereas out may be c_down itself.
-        return up.add_(out) if _overwritable(up, out) else out + up
+        # Add into up (UpSample's fresh output), never into out: for level 0 it is c_down itself.
+        return up.add_(out) if _may_reuse((self.up,), up, out) else out + up
 
 
 class Level(nn.Module):
@@ -190,8 +200,8 @@ class SubNet(nn.Module):
             c_up = previous[level + 1] if previous is not None and level < NUM_LEVELS - 1 else None
             out = module(c_down, c_up)
             if previous is not None:
-                # A level ends with a ConvNeXt block, so out is a fresh tensor.
-                if _overwritable(out, alpha, previous[level]):
+                # A level ends with a ConvNeXt block, so out is that block's fresh output.
+                if _may_reuse((module,), out, alpha, previous[level]):
                     out = out.addcmul_(alpha, previous[level])
                 else:
                     out = torch.addcmul(out, alpha, previous[level])
