@@ -201,7 +201,14 @@ def test_forward_without_autograd_leaves_its_inputs_untouched(no_autograd):
 def test_forward_hooks_see_outputs_that_are_not_overwritten_later():
     model = make_net(layers=(2, 1, 1, 1), num_subnet=2).eval()
     block = model.subnet1.level0.blocks[0]
-    hooked = {"pwconv1": block.pwconv1, "act": block.act, "pwconv2": block.pwconv2, "level": model.subnet1.level1}
+    hooked = {
+        "pwconv1": block.pwconv1,
+        "act": block.act,
+        "pwconv2": block.pwconv2,
+        "level": model.subnet1.level1,
+        "last block of a level": model.subnet1.level2.blocks[-1],
+        "upsample": model.subnet1.level0.fusion.up,
+    }
     kept = {}
 
     def keep(name, output):

@@ -201,7 +201,7 @@ class SubNet(nn.Module):
             out = module(c_down, c_up)
             if previous is not None:
                 # A level ends with a ConvNeXt block, so out is that block's fresh output.
-                if _may_reuse((module,), out, alpha, previous[level]):
+                if _may_reuse((module, module.blocks, module.blocks[-1]), out, alpha, previous[level]):
                     out = out.addcmul_(alpha, previous[level])
                 else:
                     out = torch.addcmul(out, alpha, previous[level])
