@@ -248,6 +248,19 @@ def test_parameter_edited_between_forward_and_backward_raises(parameter):
         sum(o.sum() for o in outputs).backward()
 
 
+def test_frozen_parameter_edited_between_forward_and_backward_raises():
+    """A frozen parameter gets no gradient, but the recompute reads it: editing it would go unnoticed."""
+    model = make_net(num_subnet=2)
+    model.save_memory = True
+    frozen = model.get_parameter("subnet1.level0.blocks.0.pwconv2.weight")
+    frozen.requires_grad_(False)
+    outputs = model(make_input())
+    with torch.no_grad():
+        frozen.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified in place between forward and backward"):
+        sum(o.sum() for o in outputs).backward()
+
+
 def test_optimizer_step_after_backward_is_fine():
     model = make_net(num_subnet=2)
     model.save_memory = True

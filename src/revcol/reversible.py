@@ -70,9 +70,10 @@ def _uses_drop_path(subnet: SubNet) -> bool:
 class ReverseFunction(torch.autograd.Function):
     """Runs one column without keeping level activations; backward recomputes them level by level.
 
-    ``apply`` inputs: the ``SubNet``, the level parameter counts, ``x``, the previous column's four
-    outputs (``None`` for the first column), the four (bounded) alphas, then every level parameter
-    that requires grad. Use ``ReverseFunction.apply_column`` rather than ``apply``.
+    ``apply`` inputs: the ``SubNet``, the level parameter counts, the frozen level parameters (only
+    checked for in-place edits), ``x``, the previous column's four outputs (``None`` for the first
+    column), the four (bounded) alphas, then every level parameter that requires grad. Use
+    ``ReverseFunction.apply_column`` rather than ``apply``.
     """
 
     @staticmethod
@@ -80,14 +81,21 @@ class ReverseFunction(torch.autograd.Function):
         subnet: SubNet, x: torch.Tensor, previous: Sequence[torch.Tensor] | None, alphas: Sequence[torch.Tensor]
     ) -> list[torch.Tensor]:
         """Run ``subnet`` through the Function; returns its four outputs."""
-        params = [[p for p in level.parameters() if p.requires_grad] for level in subnet.levels]
+        params: list[list[torch.nn.Parameter]] = []
+        frozen: list[torch.nn.Parameter] = []
+        for level in subnet.levels:
+            level_params = list(level.parameters())
+            params.append([p for p in level_params if p.requires_grad])
+            frozen += [p for p in level_params if not p.requires_grad]
         inputs = list(previous) if previous is not None else [None] * NUM_LEVELS
         flat = [p for level_params in params for p in level_params]
-        outputs = ReverseFunction.apply(subnet, [len(p) for p in params], x, *inputs, *alphas, *flat)
+        outputs = ReverseFunction.apply(subnet, [len(p) for p in params], frozen, x, *inputs, *alphas, *flat)
         return list(outputs)
 
     @staticmethod
-    def forward(ctx: Any, subnet: SubNet, counts: list[int], x: torch.Tensor, *tensors: torch.Tensor):
+    def forward(
+        ctx: Any, subnet: SubNet, counts: list[int], frozen: list[torch.Tensor], x: torch.Tensor, *tensors: torch.Tensor
+    ):
         previous = tensors[:NUM_LEVELS]
         alphas = tensors[NUM_LEVELS : 2 * NUM_LEVELS]
         params = tensors[2 * NUM_LEVELS :]
@@ -106,8 +114,9 @@ class ReverseFunction(torch.autograd.Function):
         ctx.training = subnet.training
         ctx.rng_states = rng_states
         ctx.autocast = _AutocastState(x.device.type)
-        ctx.param_versions = [p._version for p in params]
-        ctx.params = params
+        # Frozen parameters are not inputs (they need no gradient), but the recompute reads them too.
+        ctx.params, ctx.frozen = params, frozen
+        ctx.param_versions = [p._version for p in (*params, *frozen)]
         ctx.save_for_backward(x, *outputs, *alphas, *(() if first_column else previous))
         return tuple(outputs)
 
@@ -117,7 +126,7 @@ class ReverseFunction(torch.autograd.Function):
         outputs, alphas, previous = rest[:NUM_LEVELS], rest[NUM_LEVELS : 2 * NUM_LEVELS], rest[2 * NUM_LEVELS :]
         subnet: SubNet = ctx.subnet
         params = ctx.params
-        if any(p._version != v for p, v in zip(params, ctx.param_versions, strict=True)):
+        if any(p._version != v for p, v in zip((*params, *ctx.frozen), ctx.param_versions, strict=True)):
             raise RuntimeError(
                 f"RevCol: a parameter of {type(subnet).__name__} was modified in place between forward and "
                 "backward (e.g. optimizer.step() before backward). The reversible backward recomputes the "
@@ -129,7 +138,7 @@ class ReverseFunction(torch.autograd.Function):
         grad_alphas: list[torch.Tensor | None] = [None] * NUM_LEVELS
         grad_params: list[torch.Tensor | None] = [None] * len(params)
         starts = [sum(ctx.counts[:level]) for level in range(NUM_LEVELS)]
-        needs_x = ctx.needs_input_grad[2]
+        needs_x = ctx.needs_input_grad[3]
 
         levels = subnet.levels
         for level in reversed(range(NUM_LEVELS)):
@@ -170,7 +179,7 @@ class ReverseFunction(torch.autograd.Function):
 
         if ctx.first_column:
             grad_previous = [None] * NUM_LEVELS
-        return (None, None, grad_x, *grad_previous, *grad_alphas, *grad_params)
+        return (None, None, None, grad_x, *grad_previous, *grad_alphas, *grad_params)
 
 
 @contextlib.contextmanager
