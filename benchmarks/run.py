@@ -1,6 +1,6 @@
 """RevCol benchmark suite: exactness, saved memory, training / inference speed, construction, scaling.
 
-    python benchmarks/run.py            # full run (revcol_small shape; ~8 min on 2 CPU cores)
+    python benchmarks/run.py            # full run (revcol_small shape; ~13 min on 2 CPU cores)
     python benchmarks/run.py --quick    # smoke run on a tiny configuration (seconds)
 
 Every timing compares implementations side by side in one process: the candidates run in turn,
@@ -63,7 +63,7 @@ class Config:
     drop_path: float = 0.3
     size: int = 224
     batch: int = 2
-    repeats: int = 11
+    repeats: int = 21
     exact_columns: tuple[int, ...] = (4, 8, 16)
     exact_size: int = 224
     memory_columns: tuple[int, ...] = (2, 4, 8)
@@ -911,7 +911,7 @@ def main(argv: list[str] | None = None) -> str:
         "--sections", default=",".join(SECTIONS), help="comma-separated subset of: " + ", ".join(SECTIONS)
     )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default 2; quick 1)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per comparison (default 11; quick 3)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per comparison (default 21; quick 3)")
     parser.add_argument("--results", type=Path, default=None, help="Markdown report (default benchmarks/results.md)")
     parser.add_argument("--plot", type=Path, default=None, help="PNG plot (default docs/benchmark.png)")
     parser.add_argument("--no-write", action="store_true", help="print only; write neither report nor plot")
