@@ -1,4 +1,4 @@
-"""Loading checkpoints (design section 4): layouts, strictness, damaged files, malicious pickles."""
+"""Loading checkpoints (docs/design.md, "Checkpoints"): layouts, strictness, damaged files, malicious pickles."""
 
 from __future__ import annotations
 
@@ -164,7 +164,14 @@ def test_missing_file(target, tmp_path):
 
 
 def test_directory_is_not_a_checkpoint(target, tmp_path):
-    _raises_clear_error(target, tmp_path, "not found")
+    _raises_clear_error(target, tmp_path, "is a directory")
+
+
+def test_home_is_expanded(source, target, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    torch.save(source.state_dict(), tmp_path / "w.pth")
+    load_pretrained(target, "~/w.pth")
+    _assert_same_weights(target, source)
 
 
 @pytest.mark.parametrize(

@@ -1,12 +1,15 @@
 """RevCol (Reversible Column Networks) backbones for PyTorch and Ultralytics.
 
 ``import revcol`` also registers the backbones with Ultralytics (see ``revcol.register``).
+How the pieces fit together: ``docs/design.md`` in the repository.
 """
 
+import importlib.metadata
 import warnings
 
+from revcol.errors import CheckpointError, ConfigError, InputError, RevColError
 from revcol.model import ConvNextBlock, FullNet, Fusion, Level, SubNet, UpSample
-from revcol.pretrained import CheckpointError, LoadResult, load_pretrained
+from revcol.pretrained import LoadResult, load_pretrained
 from revcol.reversible import ReverseFunction
 from revcol.variants import (
     VARIANTS,
@@ -19,7 +22,10 @@ from revcol.variants import (
     revcol_xlarge,
 )
 
-__version__ = "0.1.0"
+try:
+    __version__ = importlib.metadata.version("revcol")
+except importlib.metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 from revcol.integration import RevColBackbone, is_registered, register, unregister
 
@@ -31,12 +37,15 @@ except RuntimeError as error:  # unsupported Ultralytics: the torch API still wo
 __all__ = [
     "VARIANTS",
     "CheckpointError",
+    "ConfigError",
     "ConvNextBlock",
     "FullNet",
     "Fusion",
+    "InputError",
     "Level",
     "LoadResult",
     "RevColBackbone",
+    "RevColError",
     "ReverseFunction",
     "SubNet",
     "UpSample",

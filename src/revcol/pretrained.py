@@ -1,4 +1,4 @@
-"""Loading the authors' ImageNet checkpoints into a RevCol backbone (design section 4)."""
+"""Loading the authors' ImageNet checkpoints into a RevCol backbone (``docs/design.md``, section "Checkpoints")."""
 
 from __future__ import annotations
 
@@ -10,14 +10,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from revcol.errors import CheckpointError
+
 BACKBONE_PREFIXES = ("stem.", "subnet")
 WRAPPER_KEYS = ("model", "state_dict")
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save (default format)
 PICKLE_MAGIC = b"\x80"  # torch.save(_use_new_zipfile_serialization=False): a pickle, protocol >= 2
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read or does not fit the model."""
 
 
 @dataclass
@@ -29,8 +27,10 @@ class LoadResult:
 
 
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a checkpoint with ``weights_only=True`` and return its state dict without ``module.`` prefixes."""
-    path = Path(path)
+    """Read a checkpoint (``~`` expanded) with ``weights_only=True``; its state dict without ``module.`` prefixes."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     with path.open("rb") as file:

@@ -1,10 +1,12 @@
-"""The five ImageNet configurations of the paper (design section 3), declared as data."""
+"""The five ImageNet configurations of the paper (``docs/design.md``, section "Variants"), declared as data."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
+from revcol.errors import ConfigError
 from revcol.model import FullNet
 from revcol.pretrained import load_pretrained
 
@@ -18,6 +20,10 @@ class VariantSpec:
     num_subnet: int
     drop_path: float
 
+    def fullnet_kwargs(self, **overrides: Any) -> dict[str, Any]:
+        """``FullNet`` keyword arguments of this variant; ``overrides`` (``None`` values ignored) take precedence."""
+        return {**asdict(self), **{k: v for k, v in overrides.items() if v is not None}}
+
 
 VARIANTS: dict[str, VariantSpec] = {
     "revcol_tiny": VariantSpec((64, 128, 256, 512), (2, 2, 4, 2), 4, 0.1),
@@ -29,11 +35,11 @@ VARIANTS: dict[str, VariantSpec] = {
 
 
 def get_variant(name: str) -> VariantSpec:
-    """The spec of variant ``name``; ``ValueError`` listing the known names otherwise."""
+    """The spec of variant ``name``; ``ConfigError`` listing the known names otherwise."""
     try:
         return VARIANTS[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown RevCol variant {name!r}; known variants: {', '.join(VARIANTS)}") from None
+        raise ConfigError(f"unknown RevCol variant {name!r}; known variants: {', '.join(VARIANTS)}") from None
 
 
 def build_variant(
@@ -45,15 +51,8 @@ def build_variant(
     kernel_size: int = 3,
 ) -> FullNet:
     """Build variant ``name``; ``drop_path=None`` uses the paper's rate, ``pretrained`` a checkpoint path."""
-    spec = get_variant(name)
-    model = FullNet(
-        spec.channels,
-        spec.layers,
-        spec.num_subnet,
-        kernel_size=kernel_size,
-        drop_path=spec.drop_path if drop_path is None else drop_path,
-        save_memory=save_memory,
-    )
+    config = get_variant(name).fullnet_kwargs(drop_path=drop_path, kernel_size=kernel_size, save_memory=save_memory)
+    model = FullNet(**config)
     if pretrained is not None:
         load_pretrained(model, pretrained)
     return model
