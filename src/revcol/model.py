@@ -1,4 +1,4 @@
-"""RevCol network modules (design section 1).
+"""RevCol network modules (the network of ``docs/design.md``, section "Network").
 
 Attribute names (``stem``, ``subnet{i}``, ``alpha{l}``, ``level{l}``, ``fusion.down``,
 ``fusion.up.channel_reschedule``, ``blocks``, ``dwconv``, ``norm``, ``pwconv1``, ``pwconv2``,
@@ -7,13 +7,16 @@ Attribute names (``stem``, ``subnet{i}``, ``alpha{l}``, ``level{l}``, ``fusion.d
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, LayerNorm, LayerNorm2d
+from timm.layers import DropPath, LayerNorm, LayerNorm2d, calculate_drop_path_rates, trunc_normal_
 from torch import nn
 
+from revcol.errors import ConfigError, InputError
 from revcol.reversible import ReverseFunction
 
 NUM_LEVELS = 4
@@ -22,24 +25,6 @@ LAYER_SCALE_INIT = 1e-6
 NORM_EPS = 1e-6
 
 Features = list[torch.Tensor]
-
-
-def _may_reuse(producers: Sequence[nn.Module], out: torch.Tensor, *operands: torch.Tensor) -> bool:
-    """Whether an op on ``out`` and ``operands`` may write its result into ``out`` instead of a new tensor.
-
-    Callers pass a tensor that a module has just returned to them alone, and as ``producers`` every module
-    whose hooks could see it: the one that returned it and any whose call the in-place op stands in for.
-    Reuse then also needs no autograd (nothing saved ``out`` for backward), no tracing (exporters record
-    ops, not buffers), no hooks on the producers (a hook may keep ``out``) and a result dtype equal to
-    ``out``'s (autocast promotes). It spares a fresh multi-MB buffer per op, which on CPU is often
-    page-faulted in on every call (benchmarks/results.md, section eval).
-    """
-    return (
-        not torch.is_grad_enabled()
-        and not torch.jit.is_tracing()
-        and not any(module._forward_hooks or module._forward_pre_hooks for module in producers)
-        and all(t.dtype == out.dtype for t in operands)
-    )
 
 
 class ConvNextBlock(nn.Module):
@@ -58,25 +43,8 @@ class ConvNextBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # On a channels-last x (FullNet runs channels-last) both permutes are views, not copies.
         y = self.dwconv(x).permute(0, 2, 3, 1)
-        hidden = self.pwconv1(self.norm(y))
-        if type(self.act) is nn.GELU and _may_reuse((self.act, self.pwconv1), hidden):
-            hidden = torch.ops.aten.gelu_(hidden, approximate=self.act.approximate)
-        else:
-            hidden = self.act(hidden)
-        y = self.pwconv2(hidden).permute(0, 3, 1, 2)
-        # Layer scale, drop-path and the residual add in one pass: x + y * (gamma * mask).
-        scale = self.gamma.view(1, -1, 1, 1)
-        drop = self.drop_path
-        if isinstance(drop, DropPath) and drop.training and drop.drop_prob > 0:
-            # the same mask (and the same random draws) as timm's DropPath
-            keep = 1.0 - drop.drop_prob
-            mask = x.new_empty(x.shape[0], 1, 1, 1).bernoulli_(keep)
-            if keep > 0 and drop.scale_by_keep:
-                mask.div_(keep)
-            scale = scale * mask
-        if _may_reuse((self.pwconv2,), y, x, scale):
-            return torch.addcmul(x, y, scale, out=y)
-        return torch.addcmul(x, y, scale)
+        y = self.pwconv2(self.act(self.pwconv1(self.norm(y))))
+        return x + self.drop_path((y * self.gamma).permute(0, 3, 1, 2))
 
 
 class UpSample(nn.Module):
@@ -112,9 +80,7 @@ class Fusion(nn.Module):
         out = self.down(c_down)
         if self.up is None:
             return out
-        up = self.up(c_up)
-        # Add into up (UpSample's fresh output), never into out: for level 0 it is c_down itself.
-        return up.add_(out) if _may_reuse((self.up,), up, out) else out + up
+        return out + self.up(c_up)
 
 
 class Level(nn.Module):
@@ -124,16 +90,14 @@ class Level(nn.Module):
         self,
         level: int,
         channels: Sequence[int],
-        depth: int,
         kernel_size: int,
         drop_path_rates: Sequence[float],
         first_column: bool,
     ) -> None:
+        """``drop_path_rates`` holds one rate per block, so its length is the level's depth."""
         super().__init__()
         self.fusion = Fusion(level, channels, first_column)
-        self.blocks = nn.Sequential(
-            *(ConvNextBlock(channels[level], kernel_size, rate) for rate in drop_path_rates[:depth])
-        )
+        self.blocks = nn.Sequential(*(ConvNextBlock(channels[level], kernel_size, rate) for rate in drop_path_rates))
 
     def forward(self, c_down: torch.Tensor, c_up: torch.Tensor | None) -> torch.Tensor:
         return self.blocks(self.fusion(c_down, c_up))
@@ -156,18 +120,16 @@ class SubNet(nn.Module):
     def __init__(
         self,
         channels: Sequence[int],
-        layers: Sequence[int],
         kernel_size: int,
-        drop_path_rates: Sequence[float],
+        drop_path_rates: Sequence[Sequence[float]],
         first_column: bool,
     ) -> None:
+        """``drop_path_rates[l]`` holds the rates of level ``l``'s blocks (and so its depth)."""
         super().__init__()
         self.first_column = first_column
-        offsets = [sum(layers[:level]) for level in range(NUM_LEVELS)]
-        for level in range(NUM_LEVELS):
+        for level, rates in enumerate(drop_path_rates):
             self.register_parameter(f"alpha{level}", nn.Parameter(torch.full((1, channels[level], 1, 1), 0.5)))
-            rates = drop_path_rates[offsets[level] : offsets[level] + layers[level]]
-            self.add_module(f"level{level}", Level(level, channels, layers[level], kernel_size, rates, first_column))
+            self.add_module(f"level{level}", Level(level, channels, kernel_size, rates, first_column))
 
     @property
     def levels(self) -> list[Level]:
@@ -200,11 +162,7 @@ class SubNet(nn.Module):
             c_up = previous[level + 1] if previous is not None and level < NUM_LEVELS - 1 else None
             out = module(c_down, c_up)
             if previous is not None:
-                # A level ends with a ConvNeXt block, so out is that block's fresh output.
-                if _may_reuse((module, module.blocks, module.blocks[-1]), out, alpha, previous[level]):
-                    out = out.addcmul_(alpha, previous[level])
-                else:
-                    out = torch.addcmul(out, alpha, previous[level])
+                out = torch.addcmul(out, alpha, previous[level])
             elif alpha.requires_grad and torch.is_grad_enabled():
                 # The first column multiplies alpha by zeros; keeping it in the graph gives it a zero
                 # gradient, which DDP(find_unused_parameters=False) needs from every parameter.
@@ -213,40 +171,13 @@ class SubNet(nn.Module):
         return outputs
 
 
-_NORMAL_MAX_STD = 10.0
-
-
 def _memory_format(tensor: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if tensor.dim() == 4 else torch.contiguous_format
 
 
-def trunc_normal_(tensor: torch.Tensor, std: float, a: float, b: float) -> torch.Tensor:
-    """Fill ``tensor`` in place from N(0, std^2) truncated to ``[a, b]`` (absolute bounds, like timm's).
-
-    Rejection sampling: one ``normal_`` pass, then the values outside ``[a, b]`` are drawn again until
-    none is left. Same distribution as the inverse-CDF method (``uniform_`` + ``erfinv_`` + ``clamp_``)
-    at a fraction of the cost; with the paper's std 0.02 and bounds +-2 nothing is ever redrawn.
-    """
-    if not a < 0 < b:
-        raise ValueError(f"trunc_normal_ needs a < 0 < b, got [{a}, {b}]")
-    # Fill through a contiguous view of the memory (a channels-last weight permuted to NHWC): normal_
-    # is vectorised only on contiguous tensors, ~8x slower otherwise. The values are i.i.d., so the order
-    # in which memory is filled does not change the distribution.
-    dense = tensor.permute(sorted(range(tensor.dim()), key=lambda dim: -tensor.stride(dim)))
-    (dense if dense.is_contiguous() else tensor).normal_(0.0, std)
-    # Bounds 10 std or more away truncate with probability < 1e-23 per value (and torch's Box-Muller
-    # samplers, fed at most 53-bit uniforms, cannot produce anything beyond ~8.6 std): nothing to check.
-    while tensor.numel() and min(-a, b) < _NORMAL_MAX_STD * std:
-        low, high = torch.aminmax(tensor)
-        if low >= a and high <= b:
-            break
-        outside = (tensor < a) | (tensor > b)
-        tensor[outside] = tensor.new_empty(int(outside.sum())).normal_(0.0, std)
-    return tensor
-
-
 def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not to a config
+    # numpy integers count (Integral); True is an int to Python, not to a config
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
 def _check_int_list(name: str, value: Sequence[int]) -> tuple[int, ...]:
@@ -256,8 +187,8 @@ def _check_int_list(name: str, value: Sequence[int]) -> tuple[int, ...]:
         or len(value) != NUM_LEVELS
         or not all(_is_int(v) and v > 0 for v in value)
     ):
-        raise ValueError(f"{name} must be {NUM_LEVELS} positive ints (one per level), got {value!r}")
-    return tuple(value)
+        raise ConfigError(f"{name} must be {NUM_LEVELS} positive ints (one per level), got {value!r}")
+    return tuple(int(v) for v in value)
 
 
 class FullNet(nn.Module):
@@ -281,14 +212,16 @@ class FullNet(nn.Module):
         channels = _check_int_list("channels", channels)
         layers = _check_int_list("layers", layers)
         if not _is_int(num_subnet) or num_subnet < 1:
-            raise ValueError(f"num_subnet must be an int >= 1, got {num_subnet!r}")
+            raise ConfigError(f"num_subnet must be an int >= 1, got {num_subnet!r}")
         if not _is_int(kernel_size) or kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
-        if not isinstance(drop_path, (int, float)) or isinstance(drop_path, bool) or not 0 <= drop_path < 1:
-            raise ValueError(f"drop_path must be a number in [0, 1), got {drop_path!r}")
+            raise ConfigError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
+        if not isinstance(drop_path, numbers.Real) or isinstance(drop_path, bool) or not 0 <= drop_path < 1:
+            raise ConfigError(f"drop_path must be a number in [0, 1), got {drop_path!r}")
+        if not isinstance(save_memory, (bool, np.bool_)):
+            raise ConfigError(f"save_memory must be True or False, got {save_memory!r}")
 
-        self.channels, self.layers, self.num_subnet = channels, layers, num_subnet
-        self.kernel_size, self.drop_path, self.save_memory = kernel_size, float(drop_path), bool(save_memory)
+        self.channels, self.layers, self.num_subnet = channels, layers, int(num_subnet)
+        self.kernel_size, self.drop_path, self.save_memory = int(kernel_size), float(drop_path), bool(save_memory)
         self.width_list = list(channels)
         self.feature_info = [
             {"num_chs": c, "reduction": 4 * 2**level, "module": f"subnet{num_subnet - 1}.level{level}"}
@@ -296,15 +229,19 @@ class FullNet(nn.Module):
         ]
 
         # Modules are created on the meta device so their default (kaiming) initialisation is skipped;
-        # init_weights() below is then the only initialisation, on the device the caller asked for.
-        device = torch.get_default_device()
-        rates = torch.linspace(0, self.drop_path, sum(layers), device="cpu").tolist()
+        # init_weights() below is then the only initialisation, on the device the caller asked for. A new
+        # tensor's device follows `with torch.device(...)` on every torch; get_default_device() does not
+        # before torch 2.8.
+        device = torch.empty(0).device
+        # One schedule over all blocks of a column, the same in every column.
+        rates = iter(calculate_drop_path_rates(self.drop_path, sum(layers)))
+        level_rates = [[next(rates) for _ in range(depth)] for depth in layers]
         with torch.device("meta"):
             self.stem = nn.Sequential(
                 nn.Conv2d(3, channels[0], kernel_size=4, stride=4), LayerNorm2d(channels[0], eps=NORM_EPS)
             )
             for index in range(num_subnet):
-                self.add_module(f"subnet{index}", SubNet(channels, layers, kernel_size, rates, index == 0))
+                self.add_module(f"subnet{index}", SubNet(channels, kernel_size, level_rates, index == 0))
         # Allocate on the target device (like to_empty), 4-D weights in channels-last memory format (names
         # and shapes unchanged): a channels-last stem weight makes the whole network run channels-last (see
         # forward_features), and the down convolutions then need no weight reorder on each call.
@@ -320,7 +257,7 @@ class FullNet(nn.Module):
         """Initialise as the paper: trunc-normal(0.02) conv/linear weights, unit norms, alpha 0.5, gamma 1e-6."""
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
-                trunc_normal_(module.weight, std=0.02, a=-2.0, b=2.0)
+                trunc_normal_(module.weight, std=0.02)
                 nn.init.zeros_(module.bias)
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
@@ -350,15 +287,16 @@ class FullNet(nn.Module):
 
 
 def check_input(x: torch.Tensor) -> None:
-    """Raise ``ValueError`` unless ``x`` is an (N, 3, H, W) tensor with H and W multiples of 32."""
+    """Raise ``InputError`` (a ``ValueError``) unless ``x`` is (N, 3, H, W) with H, W positive multiples of 32."""
     if not isinstance(x, torch.Tensor):
-        raise ValueError(f"RevCol expects a torch.Tensor of shape (N, 3, H, W), got {type(x).__name__}")
+        raise InputError(f"RevCol expects a torch.Tensor of shape (N, 3, H, W), got {type(x).__name__}")
     if x.dim() != 4:
-        raise ValueError(f"RevCol expects a 4-D tensor (N, 3, H, W), got shape {tuple(x.shape)}")
+        raise InputError(f"RevCol expects a 4-D tensor (N, 3, H, W), got shape {tuple(x.shape)}")
     if x.shape[1] != 3:
-        raise ValueError(f"RevCol expects 3 input channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+        raise InputError(f"RevCol expects 3 input channels, got {x.shape[1]} (shape {tuple(x.shape)})")
     height, width = x.shape[-2:]
-    if height % 32 or width % 32:
-        raise ValueError(
-            f"RevCol needs H and W to be multiples of 32 (its coarsest level has stride 32), got {height}x{width}"
+    if height % 32 or width % 32 or not height or not width:
+        raise InputError(
+            "RevCol needs H and W to be positive multiples of 32 (its coarsest level has stride 32), "
+            f"got {height}x{width}"
         )
