@@ -1,4 +1,4 @@
-"""Reference implementation for the benchmarks: a straightforward rendering of design section 1.
+"""Reference implementation for the benchmarks: a straightforward rendering of the network in docs/design.md.
 
 This is deliberately written the way the RevCol authors' code is organised, so that the
 benchmark measures what our implementation gains over the obvious approach:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import importlib.util
 import sys
 from pathlib import Path
@@ -14,14 +16,23 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 @pytest.fixture(scope="module")
 def bench():
+    """benchmarks/run.py as a module; loading it puts benchmarks/ on sys.path for its sibling modules."""
     if not (BENCHMARKS / "run.py").is_file():
         pytest.skip("benchmarks/ is not part of this installation")
+    path = list(sys.path)
     spec = importlib.util.spec_from_file_location("revcol_benchmarks_run", BENCHMARKS / "run.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     yield module
-    sys.modules.pop(spec.name, None)
+    sys.path[:] = path
+    for name in [n for n, m in sys.modules.items() if str(getattr(m, "__file__", "")).startswith(str(BENCHMARKS))]:
+        del sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def harness(bench):
+    return importlib.import_module("harness")
 
 
 def test_quick_run_writes_a_table_and_a_plot(bench, tmp_path):
@@ -40,18 +51,18 @@ def test_quick_run_writes_a_table_and_a_plot(bench, tmp_path):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_reference_baseline_matches_the_library(bench):
+def test_reference_baseline_matches_the_library(harness):
     """The benchmark's reference model takes our state dict and computes the same outputs and gradients."""
-    cfg = bench.QUICK
-    ours = bench.layer_scale_(bench.build(cfg), 0.1).double()
-    base = bench.build(cfg, "baseline").double()
+    cfg = harness.QUICK
+    ours = harness.layer_scale_(harness.build(cfg), 0.1).double()
+    base = harness.build(cfg, "baseline").double()
     base.load_state_dict(ours.state_dict())
     assert [n for n, _ in base.named_parameters()] == [n for n, _ in ours.named_parameters()]
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
-    ref = bench.gradients(ours, x, "plain")
+    ref = harness.gradients(ours, x, "plain")
     for model, mode in ((ours, "rev"), (ours, "ckpt"), (base, "plain"), (base, "rev")):
-        grads = bench.gradients(model, x, mode)
-        assert max(bench.rel_err(grads[n], ref[n]) for n in ref) < 1e-9, (type(model).__name__, mode)
+        grads = harness.gradients(model, x, mode)
+        assert max(harness.rel_err(grads[n], ref[n]) for n in ref) < 1e-9, (type(model).__name__, mode)
 
 
 def test_unknown_section_is_an_error(bench, capsys):
@@ -60,13 +71,14 @@ def test_unknown_section_is_an_error(bench, capsys):
     assert "unknown section" in capsys.readouterr().err
 
 
-def test_device_section_code_path_on_cpu(bench):
+def test_device_section_code_path_on_cpu(harness):
     """The CUDA section's step loop (skipped without a GPU) also runs on the CPU: exercise it there."""
-    cfg = bench.dataclasses.replace(bench.QUICK, repeats=1)
+    device_steps = importlib.import_module("sections.cuda").device_steps
+    cfg = dataclasses.replace(harness.QUICK, repeats=1)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        lines, results = bench.device_steps(cfg, torch.device("cpu"))
+        lines, results = device_steps(cfg, torch.device("cpu"))
     finally:
         torch.set_num_threads(threads)
     assert set(results) == {(m, p) for m in ("plain", "rev") for p in ("fp32", "bf16 autocast")}
