@@ -35,10 +35,12 @@ def tiny_rtdetr(**options) -> tasks.RTDETRDetectionModel:
     return tasks.RTDETRDetectionModel(rtdetr_dict("revcol", {**TINY, **options}), verbose=False)
 
 
-def test_seed_yaml_is_the_design_file_verbatim():
-    design = (Path(__file__).parents[2] / "shared/design/revcol.md").read_text()
-    block = design.split("```yaml\n", 1)[1].split("```", 1)[0]
-    assert SEED_YAML.read_text() == block
+def test_shipped_rtdetr_config_is_the_design_doc_reference_verbatim():
+    design = (Path(__file__).parents[1] / "docs" / "design.md").read_text()
+    section = design.split("## YAML contract", 1)[1].split("\n## ", 1)[0]
+    reference = section.split("```yaml\n")[-1].split("```", 1)[0]
+    assert reference.startswith("nc: 80") and "RTDETRDecoder" in reference
+    assert SEED_YAML.read_text() == reference
 
 
 @pytest.mark.parametrize("variant", list(revcol.VARIANTS))
@@ -121,11 +123,22 @@ def test_register_is_idempotent_and_unregister_restores_originals():
     assert revcol.is_registered() and vars(tasks)["RevColBackbone"] is RevColBackbone
 
 
-def test_unsupported_ultralytics_version_is_refused(monkeypatch):
+def test_supported_range_is_the_one_in_the_package_metadata():
+    import importlib.metadata
+
+    declared = next(r for r in importlib.metadata.requires("revcol") if r.startswith("ultralytics") and "<" in r)
+    assert declared == f"ultralytics{integration.supported_ultralytics()}"
+    from ultralytics.utils.checks import check_version
+
+    assert check_version(ultralytics.__version__, integration.supported_ultralytics())
+
+
+@pytest.mark.parametrize("version", ["9.1.0", "8.4.66"])
+def test_unsupported_ultralytics_version_is_refused(monkeypatch, version):
     revcol.unregister()
-    monkeypatch.setattr(ultralytics, "__version__", "9.1.0")
+    monkeypatch.setattr(ultralytics, "__version__", version)
     try:
-        with pytest.raises(RuntimeError, match=r">=8\.3\.59,<9.*9\.1\.0"):
+        with pytest.raises(RuntimeError, match=rf"{integration.supported_ultralytics()}.*{version}"):
             revcol.register()
         assert not revcol.is_registered()
     finally:

@@ -1,4 +1,4 @@
-"""Ultralytics integration: one YAML line names a RevCol backbone (design section 5).
+"""Ultralytics integration: one YAML line names a RevCol backbone (``docs/design.md``, section "YAML contract").
 
 ``register()`` wraps a few Ultralytics functions (never copies them) and ``unregister()`` puts
 the originals back. The YAML line ``[-1, 1, revcol_small, [{options}]]`` is expanded before
@@ -14,6 +14,7 @@ Ultralytics parses the model into five layers, so the head sees the documented i
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -22,11 +23,11 @@ from typing import Any
 import torch
 from timm.layers import DropPath, LayerNorm, LayerNorm2d
 
+from revcol.errors import ConfigError
 from revcol.model import ConvNextBlock, FullNet, Fusion, Level, SubNet, UpSample
 from revcol.pretrained import load_pretrained
 from revcol.variants import VARIANTS, get_variant
 
-SUPPORTED_ULTRALYTICS = (">=8.3.59", "<9")
 CONFIG_DIR = Path(__file__).parent / "configs"
 CUSTOM_NAME = "revcol"
 BACKBONE_NAMES = frozenset({CUSTOM_NAME, *VARIANTS})
@@ -48,25 +49,18 @@ class RevColBackbone(FullNet):
         allowed = CUSTOM_OPTIONS if name == CUSTOM_NAME else VARIANT_OPTIONS
         unknown = sorted(set(options) - allowed)
         if unknown:
-            raise ValueError(f"unknown option(s) {unknown} for RevCol backbone {name!r}; allowed: {sorted(allowed)}")
+            raise ConfigError(f"unknown option(s) {unknown} for RevCol backbone {name!r}; allowed: {sorted(allowed)}")
         pretrained = options.pop("pretrained", None)
         if name == CUSTOM_NAME:
             missing = sorted({"channels", "layers", "num_subnet"} - set(options))
             if missing:
-                raise ValueError(
+                raise ConfigError(
                     f"a custom 'revcol' backbone needs channels, layers and num_subnet; missing {missing} "
                     "(e.g. {channels: [16, 32, 64, 128], layers: [1, 1, 1, 1], num_subnet: 2})"
                 )
             config = {"drop_path": 0.0, **options}
         else:
-            spec = get_variant(name)
-            config = {
-                "channels": spec.channels,
-                "layers": spec.layers,
-                "num_subnet": spec.num_subnet,
-                "drop_path": spec.drop_path,
-                **options,
-            }
+            config = get_variant(name).fullnet_kwargs(**options)
         super().__init__(**config)
         self.variant = name
         if pretrained is not None:
@@ -80,16 +74,16 @@ def expand_backbone(d: dict) -> dict:
     if not rows:
         return d
     if rows != [0]:
-        raise ValueError(
+        raise ConfigError(
             f"a RevCol backbone must be the first backbone row (it takes the image); found at backbone rows {rows}"
         )
     source, repeats, name, args = backbone[0]
     if source != -1 or repeats != 1:
-        raise ValueError(f"the RevCol backbone row must read [-1, 1, {name}, [...]], got {backbone[0]}")
+        raise ConfigError(f"the RevCol backbone row must read [-1, 1, {name}, [...]], got {backbone[0]}")
     options = _parse_options(name, args)
     channels = options["channels"] if name == CUSTOM_NAME else get_variant(name).channels
     if not (isinstance(channels, (list, tuple)) and len(channels) == 4):
-        raise ValueError(f"RevCol option channels must be 4 ints, got {channels!r}")
+        raise ConfigError(f"RevCol option channels must be 4 ints, got {channels!r}")
     expanded = [[-1, 1, RevColBackbone.__name__, [name, options]]]
     expanded += [[0, 1, "Index", [c, level]] for level, c in enumerate(channels)]
     d["backbone"] = expanded + backbone[1:]
@@ -103,7 +97,7 @@ def _is_revcol_row(row: Any) -> bool:
         return False
     name = row[2]
     if name.lower().startswith(CUSTOM_NAME) and name not in BACKBONE_NAMES and name != RevColBackbone.__name__:
-        raise ValueError(
+        raise ConfigError(
             f"unknown RevCol backbone {name!r} in model YAML; known: {', '.join(sorted(BACKBONE_NAMES))} "
             f"({CUSTOM_NAME!r} takes a custom configuration)"
         )
@@ -115,7 +109,7 @@ def _parse_options(name: str, args: Any) -> dict:
         return {}
     if isinstance(args, list) and len(args) == 1 and isinstance(args[0], Mapping):
         return dict(args[0])
-    raise ValueError(
+    raise ConfigError(
         f"RevCol backbone {name!r} takes [] or one mapping of options, e.g. "
         f"[{{pretrained: revcol_small_1k.pth, save_memory: true, drop_path: 0.2}}], got {args!r}"
     )
@@ -127,14 +121,22 @@ def _check_sources(rows: list) -> None:
     for i, row in enumerate(rows[BACKBONE_LAYERS:], start=BACKBONE_LAYERS):
         for source in row[0] if isinstance(row[0], list) else [row[0]]:
             if not isinstance(source, int) or not -i <= source < i:
-                raise ValueError(f"layer {i} {row} takes input from layer {source}, which does not exist. {layout}")
+                raise ConfigError(f"layer {i} {row} takes input from layer {source}, which does not exist. {layout}")
             if source % i == 0 and row[2] != "Index":
-                raise ValueError(f"layer {i} {row} takes the backbone's list output (layer 0); use 1-4. {layout}")
+                raise ConfigError(f"layer {i} {row} takes the backbone's list output (layer 0); use 1-4. {layout}")
 
 
-def _supported(version: str) -> bool:
-    major, minor, patch = (int(p) for p in re.findall(r"\d+", version)[:3])
-    return (8, 3, 59) <= (major, minor, patch) < (9, 0, 0)
+def supported_ultralytics() -> str:
+    """The Ultralytics versions this installation of revcol supports, as its package metadata declares them."""
+    try:
+        requirements = importlib.metadata.requires("revcol") or []
+    except importlib.metadata.PackageNotFoundError:
+        raise RuntimeError("revcol is not installed, so its supported Ultralytics range is unknown: pip install .") from None
+    for requirement in requirements:
+        match = re.fullmatch(r"ultralytics\s*([<>=!~][^;]*)", requirement.strip())
+        if match:
+            return match.group(1).replace(" ", "")
+    raise RuntimeError(f"revcol's metadata names no Ultralytics version range: {requirements}")
 
 
 _patches: list[tuple[Any, str, Any]] = []
@@ -170,11 +172,13 @@ def register() -> None:
     import ultralytics
     from ultralytics.engine.model import Model
     from ultralytics.nn import tasks
+    from ultralytics.utils.checks import check_version
 
-    if not _supported(ultralytics.__version__):
+    supported = supported_ultralytics()
+    if not check_version(ultralytics.__version__, supported):
         raise RuntimeError(
-            f"revcol supports ultralytics {','.join(SUPPORTED_ULTRALYTICS)}; found {ultralytics.__version__}. "
-            f"Install a supported release: pip install 'ultralytics{','.join(SUPPORTED_ULTRALYTICS)}'"
+            f"revcol supports ultralytics {supported}; found {ultralytics.__version__}. "
+            f"Install a supported release: pip install 'ultralytics{supported}'"
         )
     from revcol import trainers
 
