@@ -121,6 +121,14 @@ def assert_close_per_tensor(
     return worst
 
 
+def set_alphas(model: FullNet, value: float) -> None:
+    """Every alpha of every column set to ``value``."""
+    with torch.no_grad():
+        for subnet in model.subnets:
+            for alpha in subnet.alphas:
+                alpha.fill_(value)
+
+
 def count_nonzero_grads(grads: dict[str, torch.Tensor]) -> int:
     return sum(bool(g.abs().sum() > 0) for g in grads.values())
 

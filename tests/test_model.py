@@ -1,4 +1,4 @@
-"""The network of design section 1, the variants of section 3 and the parameter names of section 4."""
+"""The network, its variants and parameter names (docs/design.md), inference, memory layouts, empty batches."""
 
 from __future__ import annotations
 
@@ -8,15 +8,23 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from revcol_helpers import STRIDES, TINY_CHANNELS, make_input, make_net
+from revcol_helpers import (
+    STRIDES,
+    TINY_CHANNELS,
+    assert_close_per_tensor,
+    make_input,
+    make_net,
+    run_grads,
+    set_alphas,
+)
 
 import revcol
-from revcol import FullNet, SubNet
+from revcol import FullNet, ReverseFunction, SubNet
 from revcol.model import bounded_alpha
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
-# Section 3 table: channels, depths, columns, drop_path, backbone params (M).
+# The variants table of docs/design.md: channels, depths, columns, drop_path, backbone params (M).
 TABLE = {
     "revcol_tiny": ((64, 128, 256, 512), (2, 2, 4, 2), 4, 0.1, 29.9),
     "revcol_small": ((64, 128, 256, 512), (2, 2, 4, 2), 8, 0.3, 60.1),
@@ -113,7 +121,7 @@ def _ln_channels_first(x, weight, bias):
 
 
 def reference_forward(p: dict[str, torch.Tensor], x: torch.Tensor, layers, num_subnet, kernel_size) -> list:
-    """Design section 1 written with functional ops on the model's own parameters (eval mode: no drop-path)."""
+    """The network of docs/design.md in functional ops on the model's own parameters (eval mode: no drop-path)."""
 
     def block(t, name):
         y = F.conv2d(
@@ -202,7 +210,7 @@ def test_outputs_seen_by_global_forward_hooks_are_never_overwritten(train):
 
 
 def test_column_inputs_are_recovered_from_its_outputs():
-    """Design section 2: a column's inputs are recovered exactly from x and its outputs, level 3 first."""
+    """A column's inputs are recovered exactly from x and its outputs, level 3 first (docs/design.md)."""
     model = make_net(num_subnet=2)
     subnet: SubNet = model.subnet1
     x = make_input(2, 64, 64)
@@ -416,3 +424,111 @@ def test_non_tensor_input_raises_value_error():
     model = make_net(randomize=False)
     with pytest.raises(ValueError, match="Tensor"):
         model([[0.0]])
+
+
+def _forbid_reverse_function(monkeypatch):
+    def refuse(*args):
+        raise AssertionError("inference must not go through ReverseFunction")
+
+    monkeypatch.setattr(ReverseFunction, "apply", refuse)
+
+
+# --------------------------------------------------------------------------- inference
+
+
+@pytest.mark.parametrize("mode", ["eval", "eval_no_grad", "train_no_grad", "train_inference_mode"])
+def test_inference_runs_plain_forward_and_edits_no_parameter(mode, monkeypatch):
+    model = make_net(num_subnet=3, drop_path=0.3)
+    set_alphas(model, 0.0)  # the value the authors' code clamped in place
+    with torch.no_grad():
+        model.subnet1.alpha2.fill_(-1e-4)
+    versions = {n: p._version for n, p in model.named_parameters()}
+    values = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = make_input()
+    with torch.no_grad():
+        reference = model.eval()(x)
+
+    _forbid_reverse_function(monkeypatch)
+    model.train(mode.startswith("train"))
+    if mode == "eval":
+        outputs = model(x)
+    elif mode == "train_inference_mode":
+        with torch.inference_mode():
+            outputs = model(x)
+    else:
+        with torch.no_grad():
+            outputs = model(x)
+
+    assert {n: p._version for n, p in model.named_parameters()} == versions
+    for name, p in model.named_parameters():
+        assert torch.equal(p, values[name]), name
+    if not mode.startswith("train"):  # eval: deterministic, equal to the reference
+        for a, e in zip(outputs, reference, strict=True):
+            torch.testing.assert_close(a.detach(), e, rtol=0, atol=0)
+    assert all(torch.isfinite(o).all() for o in outputs)
+
+
+def test_training_step_edits_no_parameter_in_place():
+    model = make_net(num_subnet=3)
+    set_alphas(model, 0.0)
+    versions = {n: p._version for n, p in model.named_parameters()}
+    for save_memory in (True, False):
+        run_grads(model, make_input(), save_memory=save_memory)
+    assert {n: p._version for n, p in model.named_parameters()} == versions
+    assert all(bool((a == 0).all()) for s in model.subnets for a in s.alphas)
+
+
+# --------------------------------------------------------------------------- memory layouts
+
+
+def test_non_contiguous_and_channels_last_inputs_give_same_outputs_and_gradients():
+    model = make_net(num_subnet=2, drop_path=0.2)
+    x = make_input(2, 64, 64)
+    wide = torch.zeros(2, 3, 64, 128, dtype=torch.float64)
+    wide[..., ::2] = x
+    layouts = {
+        "channels_last": x.contiguous(memory_format=torch.channels_last),
+        "strided": wide[..., ::2],
+        "transposed": x.transpose(2, 3).contiguous().transpose(2, 3),
+    }
+    assert layouts["channels_last"].is_contiguous(memory_format=torch.channels_last)
+    assert not layouts["strided"].is_contiguous()
+    assert not layouts["transposed"].is_contiguous()
+    for save_memory in (True, False):
+        ref_out, ref = run_grads(model, x, save_memory=save_memory, seed=2)
+        for name, variant in layouts.items():
+            out, grads = run_grads(model, variant, save_memory=save_memory, seed=2)
+            for a, e in zip(out, ref_out, strict=True):
+                torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12, msg=name)
+            assert_close_per_tensor(grads, ref, tol=1e-10, what=f"{name} gradient")
+
+
+def test_channels_last_model():
+    model = make_net(num_subnet=2)
+    x = make_input(2, 64, 64)
+    ref_out, ref = run_grads(model, x, save_memory=True)
+    model = model.to(memory_format=torch.channels_last)
+    out, grads = run_grads(model, x.contiguous(memory_format=torch.channels_last), save_memory=True)
+    for a, e in zip(out, ref_out, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+    assert_close_per_tensor(grads, ref, tol=1e-10)
+
+
+# --------------------------------------------------------------------------- empty batch
+
+
+@pytest.mark.parametrize("save_memory", [True, False])
+def test_empty_batch_returns_empty_maps_and_zero_gradients(save_memory):
+    """Decision: N=0 works (as for any conv net) and gives empty maps of the right shape."""
+    model = make_net(num_subnet=2, drop_path=0.2, dtype=torch.float32)
+    x = torch.zeros(0, 3, 64, 96)
+    with torch.no_grad():
+        eval_out = model.eval()(x)
+    out, grads = run_grads(model, x, save_memory=save_memory)
+    for outputs in (eval_out, out):
+        assert [tuple(o.shape) for o in outputs] == [
+            (0, c, 64 // s, 96 // s) for c, s in zip(TINY_CHANNELS, STRIDES, strict=True)
+        ]
+    assert grads["input"].shape == (0, 3, 64, 96)
+    assert len(grads) == len(list(model.parameters())) + 1
+    assert all(bool((g == 0).all()) for g in grads.values())

@@ -1,12 +1,22 @@
-"""The reversible path (design section 2): same gradients as plain autograd, no level activations kept."""
+"""The reversible path (docs/design.md, "Reversible backward"): exact gradients, memory, alphas, autocast, safety."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from revcol_helpers import assert_close_per_tensor, count_nonzero_grads, make_input, make_net, run_grads
+from revcol_helpers import (
+    assert_close_per_tensor,
+    count_nonzero_grads,
+    make_input,
+    make_net,
+    relative_error,
+    run_grads,
+    set_alphas,
+)
 
+import revcol
 from revcol import ReverseFunction
+from revcol.model import ALPHA_BOUND, bounded_alpha
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -178,3 +188,174 @@ def test_reversible_activation_memory_does_not_grow_with_depth():
             sizes[depth, save_memory] = _saved_bytes(model, x)[0]
     assert sizes[3, True] <= 1.01 * sizes[1, True]
     assert sizes[3, False] > 2 * sizes[1, False]
+
+
+# --------------------------------------------------------------------------- alpha numerics
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_bounded_alpha_keeps_sign_and_magnitude(dtype):
+    raw = [0.0, -0.0, 1e-4, -1e-4, 1e-3, -1e-3, 5e-4, -9.99e-4, 0.5, -2.0]
+    expected = [1e-3, 1e-3, 1e-3, -1e-3, 1e-3, -1e-3, 1e-3, -1e-3, 0.5, -2.0]
+    alpha = torch.tensor(raw, dtype=dtype, requires_grad=True)
+    bounded = bounded_alpha(alpha)
+    assert torch.equal(bounded, torch.tensor(expected, dtype=dtype))
+    assert bool((bounded.abs() >= torch.tensor(ALPHA_BOUND, dtype=dtype)).all())
+    # gradient passes straight through to the parameter
+    grad = torch.arange(1.0, len(raw) + 1, dtype=dtype)
+    bounded.backward(grad)
+    assert torch.equal(alpha.grad, grad)
+    # random values near zero never come out below the bound
+    near_zero = (torch.rand(10_000, dtype=torch.float64) * 4e-3 - 2e-3).to(dtype)
+    assert bool((bounded_alpha(near_zero).abs() >= torch.tensor(ALPHA_BOUND, dtype=dtype)).all())
+
+
+@pytest.mark.parametrize("value", [0.0, 1e-4, -1e-4, 1e-3, -1e-3])
+def test_tiny_alpha_reversible_gradients_finite_and_equal_plain(value):
+    model = make_net(num_subnet=4)
+    set_alphas(model, value)
+    for subnet in model.subnets:
+        for alpha in subnet.alphas:
+            effective = bounded_alpha(alpha)
+            assert bool((effective.abs() >= ALPHA_BOUND).all())
+            assert bool((effective > 0).all()) if value >= 0 else bool((effective < 0).all())
+    x = make_input(2, 64, 32)
+    plain_out, plain = run_grads(model, x, save_memory=False, seed=1)
+    rev_out, rev = run_grads(model, x, save_memory=True, seed=1)
+    assert all(torch.isfinite(o).all() for o in rev_out)
+    for a, e in zip(rev_out, plain_out, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+    assert_close_per_tensor(rev, plain, tol=1e-9)
+    assert rev["subnet2.alpha1"].abs().sum() > 0  # a zero alpha still learns
+
+
+# --------------------------------------------------------------------------- autocast
+
+
+# bf16 has an 8-bit significand: unit roundoff u = 2**-8 ~ 3.9e-3. The two paths run the same bf16 ops,
+# but the stem output (bf16 under CPU autocast) feeds every column, and its bf16 gradient is summed in a
+# different order (plain autograd adds all uses into one buffer; the Function returns one sum per column).
+# Each bf16 addition rounds at u, so the stem and input gradients may differ by a few u; 2e-2 ~ 5u.
+# Gradients inside the columns are computed from identical bf16 values and agree to fp32 rounding.
+BF16_TOLERANCE = 2e-2
+
+
+def test_bf16_autocast_gradients_match_and_recompute_under_autocast():
+    model = make_net(layers=(1, 2, 1, 1), num_subnet=3, drop_path=0.2, dtype=torch.float32)
+    x = make_input(2, 64, 64, dtype=torch.float32)
+    states = []
+    handles = [
+        level.register_forward_hook(
+            lambda m, i, o: states.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        )
+        for subnet in model.subnets
+        for level in subnet.levels
+    ]
+    try:
+        rev_out, rev = run_grads(model, x, save_memory=True, seed=4, autocast_dtype=torch.bfloat16)
+        # backward ran outside the autocast block, yet each level's recompute ran under bf16 autocast
+        assert len(states) == 2 * 4 * 3
+        assert set(states) == {(True, torch.bfloat16)}
+        states.clear()
+        plain_out, plain = run_grads(model, x, save_memory=False, seed=4, autocast_dtype=torch.bfloat16)
+        assert len(states) == 4 * 3
+    finally:
+        for handle in handles:
+            handle.remove()
+    _, full = run_grads(model, x, save_memory=False, seed=4)
+
+    for a, e in zip(rev_out, plain_out, strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+    assert_close_per_tensor(rev, plain, tol=BF16_TOLERANCE)
+    worst_in_columns = max(relative_error(rev[n], plain[n]) for n in plain if n.startswith("subnet"))
+    assert worst_in_columns <= 1e-3
+    # sanity: bf16 gradients are a bf16-accurate version of the fp32 ones (guards against garbage in both)
+    assert_close_per_tensor(rev, full, tol=0.2)
+
+
+def test_backward_inside_autocast_recomputes_with_forward_state():
+    """A forward without autocast is recomputed without autocast, even if backward is called inside one."""
+    model = make_net(num_subnet=2, dtype=torch.float32)
+    states = []
+    handles = [
+        level.register_forward_hook(lambda m, i, o: states.append(torch.is_autocast_enabled("cpu")))
+        for subnet in model.subnets
+        for level in subnet.levels
+    ]
+    try:
+        model.save_memory = True
+        outputs = model(make_input(dtype=torch.float32))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            sum(o.sum() for o in outputs).backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert states == [False] * (2 * 4 * 2)
+
+
+# --------------------------------------------------------------------------- in-place edits
+
+
+@pytest.mark.parametrize(
+    "parameter",
+    [
+        "subnet1.level2.blocks.0.pwconv1.weight",
+        "subnet0.level0.blocks.0.gamma",
+        "subnet1.level1.fusion.up.channel_reschedule.0.bias",
+    ],
+)
+def test_parameter_edited_between_forward_and_backward_raises(parameter):
+    model = make_net(num_subnet=2)
+    model.save_memory = True
+    outputs = model(make_input())
+    with torch.no_grad():
+        model.get_parameter(parameter).add_(0.1)
+    with pytest.raises(RuntimeError, match="modified in place between forward and backward"):
+        sum(o.sum() for o in outputs).backward()
+
+
+def test_frozen_parameter_edited_between_forward_and_backward_raises():
+    """A frozen parameter gets no gradient, but the recompute reads it: editing it would go unnoticed."""
+    model = make_net(num_subnet=2)
+    model.save_memory = True
+    frozen = model.get_parameter("subnet1.level0.blocks.0.pwconv2.weight")
+    frozen.requires_grad_(False)
+    outputs = model(make_input())
+    with torch.no_grad():
+        frozen.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified in place between forward and backward"):
+        sum(o.sum() for o in outputs).backward()
+
+
+def test_optimizer_step_after_backward_is_fine():
+    model = make_net(num_subnet=2)
+    model.save_memory = True
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):  # the second forward sees the versions bumped by the first step
+        optimizer.zero_grad()
+        sum(o.sum() for o in model(make_input())).backward()
+        optimizer.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- train/eval switch
+
+
+def test_switching_to_eval_between_forward_and_backward_keeps_gradients_exact():
+    """The recompute runs in the forward's train mode (drop-path masks included), not the current one."""
+    torch.manual_seed(0)
+    model = revcol.FullNet([8, 16, 24, 32], [1, 1, 1, 1], 2, drop_path=0.5).double().train()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    grads = {}
+    for save_memory in (False, True):
+        model.save_memory = save_memory
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        outputs = model(x)
+        model.eval()
+        sum(o.square().sum() for o in outputs).backward()
+        model.train()
+        grads[save_memory] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for name, expected in grads[False].items():
+        torch.testing.assert_close(grads[True][name], expected, rtol=1e-9, atol=1e-12, msg=name)

@@ -1,4 +1,4 @@
-"""The reversible backward of a RevCol column (design section 2).
+"""The reversible backward of a RevCol column (``docs/design.md``, section "Reversible backward").
 
 Forward keeps only the column's stem input ``x``, its four outputs and the previous column's four
 outputs (which the previous column keeps as its own outputs anyway: same storage, no extra memory).
