@@ -6,14 +6,16 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import cv2
 import numpy as np
 import pytest
+import torch
 import yaml
 from revcol_helpers import revcol_env
 
-from revcol.demo import CLASSES, MAX_SHAPES, generate_dataset, offline
+from revcol.demo import CLASSES, MAX_SHAPES, PICTURE_SIZE, annotate, generate_dataset, offline
 
 REVCOL = Path(sys.executable).with_name("revcol")
 # Share of a shape's box painted in the shape's colour, per class.
@@ -115,6 +117,37 @@ def test_offline_block(tmp_path, monkeypatch):
         (tmp_path / "Arial.ttf").write_bytes(font.read_bytes())
         assert checks.check_font("Arial.ttf") == tmp_path / "Arial.ttf"  # a font already there is used
     assert state() == before
+
+
+def test_annotate_keeps_the_most_confident_of_overlapping_boxes_and_needs_no_font(monkeypatch):
+    from ultralytics.engine.results import Results
+    from ultralytics.utils import checks, plotting
+
+    def no_font(*args, **kwargs):
+        raise AssertionError("a font was looked up")
+
+    monkeypatch.setattr(checks, "check_font", no_font)
+    monkeypatch.setattr(plotting, "check_font", no_font)
+    image = np.full((64, 64, 3), 60, np.uint8)
+    boxes = torch.tensor(
+        [
+            [10.0, 10.0, 30.0, 30.0, 0.80, 1.0],
+            [11.0, 11.0, 31.0, 31.0, 0.90, 1.0],  # IoU 0.82 with the first: only this one is drawn
+            [40.0, 40.0, 60.0, 60.0, 0.70, 2.0],
+        ]
+    )
+    result = Results(image, "000000.png", dict(enumerate(CLASSES)), boxes=boxes)
+    with mock.patch.object(Results, "plot", autospec=True, side_effect=Results.plot) as plot:
+        picture = annotate(result)
+    assert picture.shape == (PICTURE_SIZE, PICTURE_SIZE, 3) and picture.dtype == np.uint8
+    assert plot.call_count == 1
+    drawn = plot.call_args.args[0]  # the Results that was plotted
+    assert drawn.orig_img.shape == picture.shape  # drawn at picture size, not drawn small and blown up
+    scale = PICTURE_SIZE / 64
+    assert torch.allclose(drawn.boxes.xyxy, boxes[[1, 2], :4] * scale)
+    assert drawn.boxes.conf.tolist() == pytest.approx([0.9, 0.7]) and drawn.boxes.cls.tolist() == [1, 2]
+    assert (picture != cv2.resize(image, (PICTURE_SIZE, PICTURE_SIZE))).any()  # something was drawn
+    assert (result.orig_img == 60).all()  # the result's own image is left as it was
 
 
 def test_shortened_demo_writes_every_promised_output(tmp_path):

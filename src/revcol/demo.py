@@ -32,7 +32,7 @@ Generates the dataset (600/60/60 images of 128 px by default), trains the small
 ``rtdetr-revcol-demo.yaml`` (0.9 M parameters: a 2-column RevCol with channels 16-128, and an
 RT-DETR head with 30 queries) on the CPU for 30 epochs (AdamW, lr0 0.005, batch 16, one warm-up
 epoch, Ultralytics' default augmentation), evaluates ``best.pt`` on the test split, predicts on the
-test images and saves annotated pictures (drawn with OpenCV's built-in font), then prints where
+test images and saves pictures annotated by Ultralytics' ``Results.plot``, then prints where
 everything is and the test mAP. Nothing is downloaded (see ``offline``). With the defaults it
 took about 6 minutes on two shared CPU cores and reached a test mAP50 of about 0.97.
 """
@@ -41,13 +41,20 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+from unittest import mock
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ultralytics.engine.results import Results
+    from ultralytics.utils.metrics import DetMetrics
 
 CLASSES = ("circle", "square", "triangle")
 MAX_SHAPES = 3
@@ -67,7 +74,8 @@ DEMO_DEFAULTS = {
     "lr0": 0.005,
     "seed": 0,
 }
-BOX_COLOURS = ((0, 255, 255), (255, 255, 0), (255, 0, 255))  # BGR per class: yellow, cyan, magenta
+MIN_CONF = 0.5  # detections drawn in the annotated pictures
+OVERLAP_IOU = 0.7  # of boxes overlapping more than this, only the most confident is drawn
 PICTURE_SIZE = 256  # annotated pictures are drawn at this size
 GRID = (4, 2)  # columns, rows of the predictions.jpg contact sheet
 
@@ -207,45 +215,90 @@ def offline():
         return _fallback_font()
 
     with contextlib.ExitStack() as stack:
+        # The modules that imported check_font by name hold their own reference to it.
         for owner in (checks, data_utils, plotting):
             if getattr(owner, "check_font", None) is original:
-                stack.enter_context(replaced(owner, "check_font", check_font))
-        stack.enter_context(replaced(checks, "ONLINE", False))
-        stack.enter_context(replaced(events_module.events, "enabled", False))
+                stack.enter_context(mock.patch.object(owner, "check_font", check_font))
+        stack.enter_context(mock.patch.object(checks, "ONLINE", False))
+        stack.enter_context(mock.patch.object(events_module.events, "enabled", False))
         yield
 
 
-@contextlib.contextmanager
-def replaced(owner, name: str, value):
-    """Context manager: ``owner.name`` is ``value`` inside, its old value again after."""
-    saved = getattr(owner, name)
-    setattr(owner, name, value)
-    try:
-        yield
-    finally:
-        setattr(owner, name, saved)
+def train(model: str, data_yaml: Path, output: Path, *, epochs: int, lr0: float, seed: int, **settings) -> Path:
+    """Train ``model`` on ``data_yaml`` into ``output/train``; returns its ``best.pt`` (``last.pt`` if there is none).
+
+    ``settings`` (imgsz, batch, device, workers) go to Ultralytics' ``train`` as they are.
+    """
+    from ultralytics import RTDETR
+
+    detector = RTDETR(model)
+    detector.train(
+        data=str(data_yaml),
+        epochs=epochs,
+        optimizer="AdamW",
+        lr0=lr0,
+        warmup_epochs=min(1.0, epochs / 10),
+        seed=seed,
+        project=str(output),
+        name="train",
+        exist_ok=True,
+        plots=False,
+        **settings,
+    )
+    weights = Path(detector.trainer.save_dir) / "weights"
+    best = weights / "best.pt"
+    return best if best.is_file() else weights / "last.pt"
 
 
-def draw_predictions(image: np.ndarray, boxes: np.ndarray, classes: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """A copy of BGR ``image`` scaled to ``PICTURE_SIZE`` with labelled boxes (xyxy in ``image`` pixels).
+def evaluate(weights: Path, data_yaml: Path, output: Path, **settings) -> DetMetrics:
+    """The metrics of ``weights`` on the test split; its plots (PR curves, confusion matrix) go to ``output/test``."""
+    from ultralytics import RTDETR
 
-    Drawn with OpenCV's built-in Hershey font, so no font file is needed.
+    return RTDETR(str(weights)).val(
+        data=str(data_yaml), split="test", project=str(output), name="test", exist_ok=True, plots=True, **settings
+    )
+
+
+def annotate(result: Results) -> np.ndarray:
+    """``result`` drawn by ``Results.plot`` on its image scaled to ``PICTURE_SIZE``.
+
+    Of boxes overlapping with IoU > ``OVERLAP_IOU`` only the most confident is drawn: RT-DETR does no NMS.
     """
     import cv2
+    from torchvision.ops import nms
+    from ultralytics.engine.results import Results
 
-    scale = PICTURE_SIZE / max(image.shape[:2])
-    picture = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
-    font, font_scale, thickness = cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1
-    for (x0, y0, x1, y1), c, score in zip(boxes * scale, classes.astype(int), scores, strict=True):
-        colour = BOX_COLOURS[c % len(BOX_COLOURS)]
-        p0, p1 = (round(x0), round(y0)), (round(x1), round(y1))
-        cv2.rectangle(picture, p0, p1, colour, 2, cv2.LINE_AA)
-        text = f"{CLASSES[c] if c < len(CLASSES) else c} {score:.2f}"
-        (w, h), base = cv2.getTextSize(text, font, font_scale, thickness)
-        ty = p0[1] - 3 if p0[1] - h - base - 3 >= 0 else p0[1] + h + 3  # above the box, or inside at the top
-        cv2.rectangle(picture, (p0[0] - 1, ty - h - 2), (p0[0] + w + 2, ty + base - 1), colour, -1)
-        cv2.putText(picture, text, (p0[0] + 1, ty - 1), font, font_scale, (0, 0, 0), thickness, cv2.LINE_AA)
-    return picture
+    boxes = result.boxes.cpu()
+    kept = boxes.data[nms(boxes.xyxy, boxes.conf, OVERLAP_IOU)]
+    scale = PICTURE_SIZE / max(result.orig_shape)
+    kept[:, :4] *= scale
+    # Scaling the image before plotting keeps the lines and labels sharp; plotting sizes them to the picture.
+    image = cv2.resize(result.orig_img, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
+    # pil=False (the class names are ASCII): OpenCV's built-in font, so check_font never fetches Arial.ttf.
+    return Results(image, result.path, result.names, boxes=kept).plot(pil=False)
+
+
+def save_predictions(weights: Path, images: Path, predictions_dir: Path, sheet: Path, imgsz: int, device: str) -> int:
+    """Predict on every image in ``images``; save each annotated as ``predictions_dir/<stem>.jpg``.
+
+    The first ``GRID`` pictures also go, as a contact sheet, to ``sheet``. Returns the number of pictures.
+    """
+    import cv2
+    from ultralytics import RTDETR
+
+    predictions_dir.mkdir(parents=True, exist_ok=True)
+    results = RTDETR(str(weights)).predict(
+        source=str(images), imgsz=imgsz, device=device, conf=MIN_CONF, stream=True, verbose=False
+    )
+    pictures = []
+    for result in results:
+        picture = annotate(result)
+        cv2.imwrite(str(predictions_dir / f"{Path(result.path).stem}.jpg"), picture)
+        pictures.append(picture)
+    columns, rows = GRID
+    rows = min(rows, math.ceil(len(pictures) / columns))
+    cv2.imwrite(str(sheet), contact_sheet(pictures, columns, rows), [cv2.IMWRITE_JPEG_QUALITY, 85])
+    return len(pictures)
 
 
 def contact_sheet(pictures: list[np.ndarray], columns: int, rows: int, gap: int = 4) -> np.ndarray:
@@ -276,6 +329,14 @@ class DemoResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+@contextlib.contextmanager
+def _timed(seconds: dict[str, float], step: str):
+    """Store the duration of the block in ``seconds[step]``."""
+    tic = time.perf_counter()
+    yield
+    seconds[step] = time.perf_counter() - tic
+
+
 def run_demo(
     output: str | Path = "revcol-demo",
     epochs: int = DEMO_DEFAULTS["epochs"],
@@ -299,13 +360,7 @@ def run_demo(
     (a contact sheet of the first ones) and ``summary.json`` (paths, mAP, timings).
     Sets ``YOLO_OFFLINE=true`` for this process; nothing is downloaded.
     """
-    import json
-
-    import cv2
-    from torchvision.ops import nms
-
-    os.environ["YOLO_OFFLINE"] = "true"
-    from ultralytics import RTDETR
+    os.environ["YOLO_OFFLINE"] = "true"  # read once, when Ultralytics is first imported
     from ultralytics.utils import LOGGER
 
     import revcol  # noqa: F401  (registers the backbones)
@@ -313,80 +368,27 @@ def run_demo(
     start = time.perf_counter()
     seconds: dict[str, float] = {}
     output = Path(output).resolve()
-    output.mkdir(parents=True, exist_ok=True)
+    dataset, predictions_dir, grid = output / "dataset", output / "predictions", output / "predictions.jpg"
+    settings = {"imgsz": imgsz, "batch": batch, "device": device, "workers": workers}
 
     LOGGER.info(f"revcol demo: generating {n_train}/{n_val}/{n_test} train/val/test images of {imgsz} px ...")
-    data_yaml = generate_dataset(output / "dataset", n_train, n_val, imgsz, seed, n_test=n_test)
-    seconds["dataset"] = time.perf_counter() - start
-
-    common = {"imgsz": imgsz, "batch": batch, "device": device, "workers": workers, "plots": False}
+    with _timed(seconds, "dataset"):
+        data_yaml = generate_dataset(dataset, n_train, n_val, imgsz, seed, n_test=n_test)
     with offline():
-        tic = time.perf_counter()
-        detector = RTDETR(model)
-        detector.train(
-            data=str(data_yaml),
-            epochs=epochs,
-            optimizer="AdamW",
-            lr0=lr0,
-            warmup_epochs=min(1.0, epochs / 10),
-            seed=seed,
-            project=str(output),
-            name="train",
-            exist_ok=True,
-            **common,
-        )
-        train_dir = Path(detector.trainer.save_dir)
-        best = train_dir / "weights" / "best.pt"
-        if not best.is_file():
-            best = train_dir / "weights" / "last.pt"
-        seconds["train"] = time.perf_counter() - tic
-
-        tic = time.perf_counter()
-        trained = RTDETR(str(best))
-        metrics = trained.val(
-            data=str(data_yaml),
-            split="test",
-            project=str(output),
-            name="test",
-            exist_ok=True,
-            **{**common, "plots": True},  # PR curves and confusion matrix of the test split
-        )
-        test_dir = Path(metrics.save_dir)
-        seconds["test"] = time.perf_counter() - tic
-
-        tic = time.perf_counter()
-        predictions_dir = output / "predictions"
-        predictions_dir.mkdir(exist_ok=True)
-        pictures = []
-        results = trained.predict(
-            source=str(output / "dataset" / "images" / "test"),
-            imgsz=imgsz,
-            device=device,
-            conf=0.5,
-            stream=True,
-            verbose=False,
-        )
-        for result in results:
-            boxes = result.boxes.cpu()
-            keep = nms(boxes.xyxy, boxes.conf, iou_threshold=0.7).numpy()  # one label per object in the pictures
-            picture = draw_predictions(
-                result.orig_img, boxes.xyxy.numpy()[keep], boxes.cls.numpy()[keep], boxes.conf.numpy()[keep]
-            )
-            cv2.imwrite(str(predictions_dir / f"{Path(result.path).stem}.jpg"), picture)
-            pictures.append(picture)
-        grid = output / "predictions.jpg"
-        columns, rows = GRID
-        rows = min(rows, math.ceil(len(pictures) / columns))
-        cv2.imwrite(str(grid), contact_sheet(pictures, columns, rows), [cv2.IMWRITE_JPEG_QUALITY, 85])
-        seconds["predict"] = time.perf_counter() - tic
+        with _timed(seconds, "train"):
+            best = train(model, data_yaml, output, epochs=epochs, lr0=lr0, seed=seed, **settings)
+        with _timed(seconds, "test"):
+            metrics = evaluate(best, data_yaml, output, **settings)
+        with _timed(seconds, "predict"):
+            n_pictures = save_predictions(best, dataset / "images" / "test", predictions_dir, grid, imgsz, device)
     seconds["total"] = time.perf_counter() - start
 
     result = DemoResult(
         output=output,
         data_yaml=data_yaml,
-        train_dir=train_dir,
+        train_dir=best.parents[1],
         best=best,
-        test_dir=test_dir,
+        test_dir=Path(metrics.save_dir),
         predictions_dir=predictions_dir,
         predictions_grid=grid,
         summary=output / "summary.json",
@@ -394,11 +396,17 @@ def run_demo(
         map50_95=float(metrics.box.map),
         seconds={k: round(v, 1) for k, v in seconds.items()},
     )
-    summary = {k: str(v) if isinstance(v, Path) else v for k, v in vars(result).items()}
-    summary.update(model=model, epochs=epochs, imgsz=imgsz, images={"train": n_train, "val": n_val, "test": n_test})
-    result.summary.write_text(json.dumps(summary, indent=2) + "\n")
-    print(format_summary(result, n_test=len(pictures)))
+    images = {"train": n_train, "val": n_val, "test": n_test}
+    write_summary(result, model=model, epochs=epochs, imgsz=imgsz, images=images)
+    print(format_summary(result, n_test=n_pictures))
     return result
+
+
+def write_summary(result: DemoResult, **settings) -> None:
+    """Write ``result`` (paths as strings) and the run's ``settings`` as JSON to ``result.summary``."""
+    summary = {k: str(v) if isinstance(v, Path) else v for k, v in vars(result).items()}
+    summary.update(settings)
+    result.summary.write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def format_summary(result: DemoResult, n_test: int) -> str:
