@@ -8,39 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from revcol_helpers import revcol_env
+from revcol_helpers import TINY_RTDETR_YAML, revcol_env
 
 from revcol.cli import HELP, main
 from revcol.demo import generate_dataset
 
 REVCOL = Path(sys.executable).with_name("revcol")
-
-TINY_MODEL = """\
-# RT-DETR with a very small custom RevCol backbone, for tests.
-nc: 3
-backbone:
-  - [-1, 1, revcol, [{channels: [8, 16, 32, 64], layers: [1, 1, 1, 1], num_subnet: 2, save_memory: false}]]  # 0-4
-head:
-  - [-1, 1, Conv, [32, 1, 1, None, 1, 1, False]]  # 5
-  - [-1, 1, AIFI, [64, 2]]  # 6
-  - [-1, 1, Conv, [32, 1, 1]]  # 7
-  - [-1, 1, nn.Upsample, [None, 2, 'nearest']]  # 8
-  - [3, 1, Conv, [32, 1, 1, None, 1, 1, False]]  # 9
-  - [[-2, -1], 1, Concat, [1]]  # 10
-  - [-1, 1, RepC3, [32, 0.5]]  # 11
-  - [-1, 1, Conv, [32, 1, 1]]  # 12
-  - [-1, 1, nn.Upsample, [None, 2, 'nearest']]  # 13
-  - [2, 1, Conv, [32, 1, 1, None, 1, 1, False]]  # 14
-  - [[-2, -1], 1, Concat, [1]]  # 15
-  - [-1, 1, RepC3, [32, 0.5]]  # 16
-  - [-1, 1, Conv, [32, 3, 2]]  # 17
-  - [[-1, 12], 1, Concat, [1]]  # 18
-  - [-1, 1, RepC3, [32, 0.5]]  # 19
-  - [-1, 1, Conv, [32, 3, 2]]  # 20
-  - [[-1, 7], 1, Concat, [1]]  # 21
-  - [-1, 1, RepC3, [32, 0.5]]  # 22
-  - [[16, 19, 22], 1, RTDETRDecoder, [nc, 32, 10, 2, 2, 1, 64, 0.0, null, -1, 10]]  # 23
-"""
 
 
 def revcol(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -107,11 +80,22 @@ def test_other_user_errors_are_messages_not_tracebacks(tmp_path, monkeypatch, ca
     err = capsys.readouterr().err
     assert err.startswith("FileNotFoundError: ") and "no-such-rtdetr-revcol.yaml" in err
 
-    (tmp_path / "bad-rtdetr.yaml").write_text(TINY_MODEL.replace("layers: [1, 1, 1, 1], ", ""))
+    (tmp_path / "bad-rtdetr.yaml").write_text(TINY_RTDETR_YAML.replace("layers: [1, 1, 1, 1], ", ""))
     assert main(["val", "model=bad-rtdetr.yaml"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("ValueError: ") and "needs channels, layers and num_subnet" in err
+    assert err.startswith("ConfigError: ") and "needs channels, layers and num_subnet" in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_errors_from_bugs_keep_their_traceback(monkeypatch):
+    from revcol import cli
+
+    def broken(args):
+        raise KeyError("a bug, not a user error")
+
+    monkeypatch.setattr(cli, "_info", broken)
+    with pytest.raises(KeyError, match="a bug"):
+        main(["info"])
 
 
 def test_info_of_a_model_yaml(monkeypatch, caplog):
@@ -133,7 +117,7 @@ def trained(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """A 1-epoch ``revcol train`` of a tiny custom RevCol RT-DETR on a generated dataset, in a fresh folder."""
     cwd = tmp_path_factory.mktemp("cli")
     data = generate_dataset(cwd / "shapes", n_train=8, n_val=4, imgsz=64, seed=0)
-    (cwd / "tiny-rtdetr-revcol.yaml").write_text(TINY_MODEL)
+    (cwd / "tiny-rtdetr-revcol.yaml").write_text(TINY_RTDETR_YAML)
     args = ["train", "model=tiny-rtdetr-revcol.yaml", f"data={data}", "epochs=1", "imgsz=64", "batch=4"]
     run = revcol(*args, "workers=0", "plots=False", "device=cpu", f"project={cwd / 'runs' / 'detect'}", cwd=cwd)
     return cwd, run

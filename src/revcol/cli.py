@@ -20,10 +20,14 @@ import os
 import sys
 from collections.abc import Sequence
 
+from revcol.errors import RevColError
+
 OUR_COMMANDS = ("demo", "info", "help", "version")
 HELP_ALIASES = frozenset({"help", "-h", "--help", "-help", "h"})
-# Errors a user can cause with arguments, a model YAML or a data path: shown as a message, not a traceback.
-USER_ERRORS = (SyntaxError, ValueError, TypeError, FileNotFoundError, KeyError, NotImplementedError)
+# Errors a user can cause, shown as a message, not a traceback: revcol's own (a bad configuration, model-YAML row,
+# input or checkpoint), a malformed command line (Ultralytics' argument checks and ours raise SyntaxError) and a
+# path that does not exist. Anything else, a TypeError or KeyError from a bug say, keeps its traceback.
+USER_ERRORS = (RevColError, SyntaxError, FileNotFoundError)
 
 HELP = """\
 revcol: RevCol (Reversible Column Networks) backbones for Ultralytics, from the command line.
@@ -94,11 +98,13 @@ def _env_true(name: str) -> bool:
 
 def _ultralytics(args: list[str]) -> int:
     """Ultralytics' own ``yolo`` entry point on ``args``, with the RevCol backbones registered."""
+    from unittest import mock
+
     from ultralytics import cfg
     from ultralytics.engine import model as engine_model
 
     import revcol  # noqa: F401  (registers the backbones)
-    from revcol.demo import offline, replaced
+    from revcol.demo import offline
 
     # Ultralytics reads the command line from these module globals (copies of sys.argv) and recognises its
     # CLI by the program name, e.g. `yolo predict` saves annotated results by default; so, seen from there,
@@ -106,7 +112,7 @@ def _ultralytics(args: list[str]) -> int:
     argv = ["yolo", *args]
     with contextlib.ExitStack() as stack:
         for module in (cfg, engine_model):
-            stack.enter_context(replaced(module, "ARGV", argv))
+            stack.enter_context(mock.patch.object(module, "ARGV", argv))
         if _env_true("YOLO_OFFLINE"):
             stack.enter_context(offline())
         cfg.entrypoint()

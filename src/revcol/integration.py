@@ -131,7 +131,7 @@ def supported_ultralytics() -> str:
     try:
         requirements = importlib.metadata.requires("revcol") or []
     except importlib.metadata.PackageNotFoundError:
-        raise RuntimeError("revcol is not installed, so its supported Ultralytics range is unknown: pip install .") from None
+        raise RuntimeError("revcol is not installed, so its Ultralytics range is unknown: pip install .") from None
     for requirement in requirements:
         match = re.fullmatch(r"ultralytics\s*([<>=!~][^;]*)", requirement.strip())
         if match:
