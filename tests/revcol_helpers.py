@@ -14,6 +14,49 @@ TINY_CHANNELS = (8, 16, 24, 32)
 STRIDES = (4, 8, 16, 32)
 
 
+# Detectors on a very small custom RevCol backbone (reversible, with drop-path), trained end to end at 64 px.
+TINY_BACKBONE = "[-1, 1, revcol, [{channels: [8, 16, 32, 64], layers: [1, 1, 1, 1], num_subnet: 2, drop_path: 0.1}]]"
+# 10 queries: RT-DETR needs at least as many anchors as queries, and at 64 px there are 8*8 + 4*4 + 2*2 = 84.
+TINY_RTDETR_YAML = f"""\
+nc: 3
+backbone:
+  - {TINY_BACKBONE}  # 0-4
+head:
+  - [-1, 1, Conv, [32, 1, 1, None, 1, 1, False]]  # 5
+  - [-1, 1, AIFI, [64, 2]]  # 6
+  - [-1, 1, Conv, [32, 1, 1]]  # 7
+  - [-1, 1, nn.Upsample, [None, 2, 'nearest']]  # 8
+  - [3, 1, Conv, [32, 1, 1, None, 1, 1, False]]  # 9
+  - [[-2, -1], 1, Concat, [1]]  # 10
+  - [-1, 1, RepC3, [32, 0.5]]  # 11
+  - [-1, 1, Conv, [32, 1, 1]]  # 12
+  - [-1, 1, nn.Upsample, [None, 2, 'nearest']]  # 13
+  - [2, 1, Conv, [32, 1, 1, None, 1, 1, False]]  # 14
+  - [[-2, -1], 1, Concat, [1]]  # 15
+  - [-1, 1, RepC3, [32, 0.5]]  # 16
+  - [-1, 1, Conv, [32, 3, 2]]  # 17
+  - [[-1, 12], 1, Concat, [1]]  # 18
+  - [-1, 1, RepC3, [32, 0.5]]  # 19
+  - [-1, 1, Conv, [32, 3, 2]]  # 20
+  - [[-1, 7], 1, Concat, [1]]  # 21
+  - [-1, 1, RepC3, [32, 0.5]]  # 22
+  - [[16, 19, 22], 1, RTDETRDecoder, [nc, 32, 10, 2, 2, 1, 64, 0.0, null, -1, 10]]  # 23
+"""
+TINY_YOLO_YAML = f"""\
+nc: 3
+backbone:
+  - {TINY_BACKBONE}  # 0-4
+head:
+  - [-1, 1, nn.Upsample, [None, 2, 'nearest']]  # 5
+  - [[-1, 3], 1, Concat, [1]]  # 6
+  - [-1, 1, C2f, [32]]  # 7
+  - [-1, 1, nn.Upsample, [None, 2, 'nearest']]  # 8
+  - [[-1, 2], 1, Concat, [1]]  # 9
+  - [-1, 1, C2f, [16]]  # 10 P3
+  - [[10, 7, 4], 1, Detect, [nc]]
+"""
+
+
 def randomize_(model: torch.nn.Module, seed: int = 0, alpha_magnitude: tuple[float, float] = (0.5, 1.5)) -> None:
     """Give every parameter a non-trivial value (gamma ~0.5 instead of 1e-6, random biases, alphas of both signs).
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from revcol_helpers import TINY_RTDETR_YAML, TINY_YOLO_YAML
 from ultralytics import RTDETR, YOLO
 
 from revcol.demo import generate_dataset
@@ -19,31 +21,28 @@ from revcol.integration import RevColBackbone
 from revcol.trainers import RevColDetectionTrainer, RevColRTDETRTrainer, no_decay_parameters
 
 IMGSZ = 64
-BACKBONE = "[-1, 1, revcol, [{channels: [8, 16, 24, 32], layers: [1, 1, 1, 1], num_subnet: 2, drop_path: 0.1}]]"
-YOLO_TINY = f"""
-nc: 3
-backbone:
-  - {BACKBONE}  # 0-4
-head:
-  - [-1, 1, nn.Upsample, [None, 2, 'nearest']]  # 5
-  - [[-1, 3], 1, Concat, [1]]  # 6
-  - [-1, 1, C2f, [32]]  # 7
-  - [-1, 1, nn.Upsample, [None, 2, 'nearest']]  # 8
-  - [[-1, 2], 1, Concat, [1]]  # 9
-  - [-1, 1, C2f, [16]]  # 10 P3
-  - [[10, 7, 4], 1, Detect, [nc]]
-"""
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
-    (root / "yolo-tiny-revcol.yaml").write_text(YOLO_TINY)
+    (root / "rtdetr-tiny-revcol.yaml").write_text(TINY_RTDETR_YAML)
+    (root / "yolo-tiny-revcol.yaml").write_text(TINY_YOLO_YAML)
     return root, generate_dataset(root / "data", n_train=8, n_val=4, imgsz=IMGSZ, seed=0)
+
+
+# Backbone weights each trainer started from, by run name (a module-level function keeps the callback picklable,
+# as Ultralytics' DDP launcher pickles the trainer with its callbacks).
+BACKBONE_BEFORE: dict[str, dict[str, torch.Tensor]] = {}
+
+
+def _snapshot_backbone(name, trainer):
+    BACKBONE_BEFORE[name] = {k: v.detach().clone() for k, v in trainer.model.model[0].state_dict().items()}
 
 
 def _train(model, workspace, name):
     root, data = workspace
+    model.add_callback("on_train_start", functools.partial(_snapshot_backbone, name))
     model.train(
         data=str(data), epochs=1, imgsz=IMGSZ, batch=4, workers=0, device="cpu", plots=False,
         project=str(root / "runs"), name=name, exist_ok=True, amp=False, verbose=False,
@@ -53,7 +52,7 @@ def _train(model, workspace, name):
 
 @pytest.fixture(scope="module")
 def rtdetr(workspace):
-    return _train(RTDETR("rtdetr-revcol-cpu.yaml"), workspace, "rtdetr")
+    return _train(RTDETR(str(workspace[0] / "rtdetr-tiny-revcol.yaml")), workspace, "rtdetr")
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +96,12 @@ def test_train_writes_best_and_uses_revcol_trainer(trained):
 
 
 def test_training_updates_backbone_weights(trained):
-    fresh = type(trained)(trained.model.yaml["yaml_file"])  # same config, new initialisation
-    trained_stem = trained.model.model[0].stem[0].weight
-    assert not torch.equal(trained_stem, fresh.model.model[0].stem[0].weight)
+    after = trained.model.model[0].state_dict()  # best.pt, loaded back after training
+    before = BACKBONE_BEFORE["rtdetr" if isinstance(trained, RTDETR) else "yolo"]
+    assert set(after) == set(before)
+    changed = [k for k in before if not torch.equal(before[k], after[k].to(before[k].dtype))]
+    assert "stem.0.weight" in changed
+    assert len(changed) >= 0.9 * len(before), sorted(set(before) - set(changed))
 
 
 def test_optimizer_groups_exempt_alphas_and_gammas(trained):
@@ -161,11 +163,6 @@ def test_onnx_export_matches_pytorch(trained):
     torch_out = torch_out[0] if isinstance(torch_out, (list, tuple)) else torch_out
     assert onnx_out.shape == tuple(torch_out.shape)
     assert np.abs(onnx_out - torch_out.numpy()).max() <= 1e-4
-
-
-def test_info_reports_gflops(trained):
-    _, _, _, flops = trained.model.info(imgsz=IMGSZ)
-    assert flops > 0
 
 
 def test_ddp_worker_registers_revcol_in_a_fresh_interpreter(rtdetr):

@@ -10,6 +10,7 @@ import pytest
 import torch
 import ultralytics
 import yaml
+from revcol_helpers import TINY_RTDETR_YAML
 from ultralytics import RTDETR
 from ultralytics.engine.model import Model
 from ultralytics.nn import tasks
@@ -179,7 +180,8 @@ def test_head_index_outside_the_backbone_slots_fails_clearly(row, match):
 
 
 def test_predict_extras_handle_the_list_output(tmp_path):
-    model = RTDETR("rtdetr-revcol-cpu.yaml")
+    (tmp_path / "tiny.yaml").write_text(TINY_RTDETR_YAML)
+    model = RTDETR(str(tmp_path / "tiny.yaml"))
     image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
     embedding = model.predict(image, imgsz=64, embed=[0], verbose=False)
     assert embedding[0].shape == (sum(model.model.model[0].width_list),)
