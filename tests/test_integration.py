@@ -189,11 +189,14 @@ def test_predict_extras_handle_the_list_output(tmp_path):
     torch_model.predict(torch.zeros(1, 3, 64, 64), profile=True)
     results = model.predict(image, imgsz=64, visualize=True, verbose=False, project=str(tmp_path), name="vis")
     assert len(results) == 1
-    assert list((tmp_path / "vis").rglob("*.jpg"))
+    # Ultralytics draws per-layer feature maps (older releases) or a LayerCAM picture (newer) of a RevCol model
+    pictures = [p for p in (tmp_path / "vis").rglob("*") if p.suffix in {".jpg", ".png"} and p.stat().st_size]
+    assert pictures
 
 
 def test_info_reports_gflops():
-    _, _, _, flops = RTDETR("rtdetr-revcol-cpu.yaml").model.info(imgsz=64)
+    # 96 px: the config's 100 queries need that many anchors (Ultralytics before 8.4.146 does not cap them)
+    _, _, _, flops = RTDETR("rtdetr-revcol-cpu.yaml").model.info(imgsz=96)
     assert flops > 0
 
 

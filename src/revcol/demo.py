@@ -210,9 +210,10 @@ def offline():
 
     @functools.wraps(original)
     def check_font(font: str = "Arial.ttf"):
-        if Path(font).is_file() or (checks.USER_CONFIG_DIR / Path(font).name).is_file():  # where it looks first
-            return original(font)
-        return _fallback_font()
+        # Where Ultralytics looks first. Answered here, not by calling the original: some releases cache its
+        # answers, so a font put there after an earlier miss would not be seen.
+        local = checks.USER_CONFIG_DIR / Path(font).name
+        return local if local.is_file() else _fallback_font()
 
     with contextlib.ExitStack() as stack:
         # The modules that imported check_font by name hold their own reference to it.
