@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import os
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,10 @@ def target():
     return make_net(num_subnet=2, dtype=torch.float32, seed=12, randomize=False)
 
 
+def _detector(backbone: dict) -> dict:
+    return {f"backbone.{k}": v for k, v in backbone.items()}
+
+
 def _assert_same_weights(a, b):
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(pa, pb), name
@@ -48,6 +53,10 @@ LAYOUTS = {
     "model_module_prefix": lambda sd: {"model": {f"module.{k}": v for k, v in sd.items()}},
     "with_heads": lambda sd: {**sd, **HEAD_KEYS},
     "model_module_heads": lambda sd: {"model": {f"module.{k}": v for k, v in {**sd, **HEAD_KEYS}.items()}},
+    # the authors' COCO detectors (mmdet): the backbone under backbone., in state_dict, beside meta
+    "mmdet": lambda sd: {"meta": {"epoch": 12, "CLASSES": ("person", "car")}, "state_dict": _detector(sd)},
+    "mmdet_module_prefix": lambda sd: {"state_dict": {f"module.{k}": v for k, v in _detector(sd).items()}},
+    "mmdet_plain": lambda sd: _detector(sd),
 }
 
 
@@ -64,6 +73,55 @@ def test_round_trip_from_each_layout(layout, source, target, tmp_path):
     assert sorted(result.loaded) == sorted(source.state_dict())
     expected_skipped = set(HEAD_KEYS) if "heads" in layout else set()
     assert set(result.skipped) == expected_skipped
+
+
+NECK_KEYS = {
+    "neck.lateral_convs.0.conv.weight": torch.randn(4, 8, 1, 1),
+    "rpn_head.rpn_cls.weight": torch.randn(3, 4, 1, 1),
+    "roi_head.bbox_head.fc_cls.weight": torch.randn(81, 16),
+}
+
+
+def test_detector_checkpoint_loads_its_backbone_and_skips_the_rest(source, target, tmp_path):
+    path = tmp_path / "mask_rcnn_revcol.pth"
+    torch.save({"state_dict": {**_detector(source.state_dict()), **NECK_KEYS}, "optimizer": {"lr": 0.02}}, path)
+    result = load_pretrained(target, path)
+    _assert_same_weights(target, source)
+    assert set(result.skipped) == set(NECK_KEYS)
+
+
+def test_top_level_backbone_wins_over_a_detector_prefix(source, target, tmp_path):
+    other = make_net(num_subnet=2, dtype=torch.float32, seed=13)
+    path = tmp_path / "w.pth"
+    torch.save({**source.state_dict(), **_detector(other.state_dict())}, path)
+    result = load_pretrained(target, path)
+    _assert_same_weights(target, source)
+    assert set(result.skipped) == set(_detector(other.state_dict()))
+
+
+def test_detector_checkpoint_is_strict_too(target, tmp_path):
+    three_columns = make_net(num_subnet=3, dtype=torch.float32)
+    path = tmp_path / "w.pth"
+    torch.save({"state_dict": _detector(three_columns.state_dict())}, path)
+    with pytest.raises(CheckpointError, match=r"does not match.*subnet2\.alpha0"):
+        load_pretrained(target, path)
+
+
+@pytest.mark.parametrize(
+    ("content", "held"),
+    [
+        ({**HEAD_KEYS, "neck.conv.weight": torch.zeros(1)}, r"its 5 tensors include \[cls\.bias, cls\.weight, "),
+        ({"state_dict": {"backbone.conv1.weight": torch.zeros(1)}}, r"include \[backbone\.conv1\.weight\]"),
+        ({}, "its state dict is empty"),
+    ],
+    ids=["classifier_heads_only", "other_detector_backbone", "empty"],
+)
+def test_file_without_revcol_backbone(content, held, target, tmp_path):
+    path = tmp_path / "w.pth"
+    torch.save(content, path)
+    error = _raises_clear_error(target, path, "holds no RevCol backbone tensors")
+    assert "backbone.stem.*" in str(error)  # says which layouts are accepted
+    assert re.search(held, str(error)), str(error)
 
 
 def test_legacy_serialization_and_string_path(source, target, tmp_path):

@@ -13,6 +13,7 @@ from torch import nn
 from revcol.errors import CheckpointError
 
 BACKBONE_PREFIXES = ("stem.", "subnet")
+DETECTOR_PREFIX = "backbone."  # where mmdet detectors (the authors' COCO files) keep the backbone
 WRAPPER_KEYS = ("model", "state_dict")
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save (default format)
 PICKLE_MAGIC = b"\x80"  # torch.save(_use_new_zipfile_serialization=False): a pickle, protocol >= 2
@@ -65,14 +66,32 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
+def read_backbone(path: str | Path) -> dict[str, torch.Tensor]:
+    """``read_checkpoint``, with a detector's ``backbone.`` prefix removed when the backbone sits only under it.
+
+    Raises ``CheckpointError`` when the file holds no RevCol backbone tensor in either layout.
+    """
+    state = read_checkpoint(path)
+    if any(k.startswith(BACKBONE_PREFIXES) for k in state):
+        return state
+    if any(k.removeprefix(DETECTOR_PREFIX).startswith(BACKBONE_PREFIXES) for k in state):
+        return {k.removeprefix(DETECTOR_PREFIX): v for k, v in state.items()}
+    held = f"its {len(state)} tensors include {_head(sorted(state))}" if state else "its state dict is empty"
+    raise CheckpointError(
+        f"{path} holds no RevCol backbone tensors: expected keys stem.* and subnet* (or backbone.stem.* and "
+        f"backbone.subnet* in a detector checkpoint); {held}"
+    )
+
+
 def load_pretrained(model: nn.Module, path: str | Path) -> LoadResult:
     """Copy a RevCol checkpoint's backbone weights into ``model`` (a ``FullNet``).
 
     Strict on the backbone: every model tensor must be in the file with the same shape, and the file
     may hold no backbone tensor the model lacks. Other entries (classification heads such as
-    ``cls.*``) are skipped. Raises ``CheckpointError`` (a ``ValueError``) saying what did not fit.
+    ``cls.*``, a detector's neck and heads) are skipped. A detector checkpoint's backbone is read from
+    under ``backbone.`` (``read_backbone``). Raises ``CheckpointError`` (a ``ValueError``) saying what did not fit.
     """
-    state = read_checkpoint(path)
+    state = read_backbone(path)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(k for k in state if k not in own and k.startswith(BACKBONE_PREFIXES))
