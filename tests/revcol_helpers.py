@@ -186,6 +186,7 @@ def revcol_env(workdir: Path) -> dict[str, str]:
         YOLO_OFFLINE="true",
         YOLO_CONFIG_DIR=str(workdir / "ultralytics-config"),
         REVCOL_NETWORK_LOG=str(workdir / "network.log"),
+        TORCH_HOME=str(workdir / "torch"),  # an empty weights cache, not the machine's
         PYTHONPATH=os.pathsep.join(filter(None, [str(NETGUARD), env.get("PYTHONPATH")])),
         OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "2"),
     )

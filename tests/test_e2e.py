@@ -16,6 +16,7 @@ import torch
 from revcol_helpers import TINY_RTDETR_YAML, TINY_YOLO_YAML
 from ultralytics import RTDETR, YOLO
 
+from revcol import FullNet
 from revcol.demo import generate_dataset
 from revcol.integration import RevColBackbone
 from revcol.trainers import RevColDetectionTrainer, RevColRTDETRTrainer, no_decay_parameters
@@ -203,3 +204,37 @@ def test_ddp_worker_registers_revcol_in_a_fresh_interpreter(rtdetr):
     finally:
         file.unlink(missing_ok=True)
         file.with_suffix(".pt").unlink(missing_ok=True)
+
+
+class _StopAfterFirstEpoch(Exception):
+    """Raised from a callback once last.pt of epoch 1 is written: a run that can be resumed."""
+
+
+def _stop(trainer):
+    raise _StopAfterFirstEpoch
+
+
+def test_trained_model_never_needs_its_pretrained_file_again(workspace, tmp_path):
+    """Fine-tune, resume, val, predict and export from a .pt whose YAML names an ImageNet file that is gone."""
+    data = workspace[1]
+    imagenet = tmp_path / "imagenet.pth"
+    torch.save({"model": FullNet([8, 16, 32, 64], [1, 1, 1, 1], 2).state_dict()}, imagenet)
+    yaml_file = tmp_path / "pretrained-rtdetr.yaml"
+    yaml_file.write_text(TINY_RTDETR_YAML.replace("drop_path: 0.1}", f"drop_path: 0.1, pretrained: {imagenet}}}"))
+    common = {"data": str(data), "imgsz": IMGSZ, "batch": 4, "workers": 0, "device": "cpu", "plots": False,
+              "amp": False, "verbose": False, "exist_ok": True, "project": str(tmp_path / "runs")}  # fmt: skip
+
+    first = RTDETR(str(yaml_file))
+    first.add_callback("on_fit_epoch_end", _stop)
+    with pytest.raises(_StopAfterFirstEpoch):
+        first.train(epochs=2, name="first", **common)
+    last = tmp_path / "runs" / "first" / "weights" / "last.pt"
+    imagenet.unlink()  # from here on, any read of it fails with "checkpoint not found"
+
+    RTDETR(str(last)).train(resume=True)  # finishes epoch 2 of the interrupted run
+    best = tmp_path / "runs" / "first" / "weights" / "best.pt"
+    RTDETR(str(best)).train(epochs=1, name="finetune", **common)
+    model = RTDETR(str(best))
+    assert model.val(**{k: v for k, v in common.items() if k != "amp"}).box.map50 >= 0.0
+    assert model.predict(next((data.parent / "images" / "val").glob("*.png")), imgsz=IMGSZ, verbose=False)
+    assert Path(model.export(format="onnx", imgsz=IMGSZ, verbose=False)).is_file()

@@ -13,6 +13,7 @@ Ultralytics parses the model into five layers, so the head sees the documented i
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.metadata
 import re
@@ -25,8 +26,7 @@ from timm.layers import DropPath, LayerNorm, LayerNorm2d
 
 from revcol.errors import ConfigError
 from revcol.model import ConvNextBlock, FullNet, Fusion, Level, SubNet, UpSample
-from revcol.pretrained import load_pretrained
-from revcol.variants import VARIANTS, get_variant
+from revcol.variants import VARIANTS, get_variant, load_weights
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 CUSTOM_NAME = "revcol"
@@ -40,8 +40,9 @@ class RevColBackbone(FullNet):
     """A RevCol backbone as an Ultralytics layer: ``RevColBackbone("revcol_small", {"pretrained": path})``.
 
     ``name`` is a variant of ``revcol.VARIANTS`` or ``"revcol"`` for a custom configuration given by
-    ``channels``, ``layers`` and ``num_subnet`` in ``options``. Other options: ``pretrained`` (checkpoint
-    path), ``save_memory``, ``drop_path``, ``kernel_size``. Returns the list ``[c0, c1, c2, c3]``.
+    ``channels``, ``layers`` and ``num_subnet`` in ``options``. Other options: ``pretrained`` (``true``, a
+    published tag or a checkpoint path, see ``revcol.variants.load_weights``), ``save_memory``,
+    ``drop_path``, ``kernel_size``. Returns the list ``[c0, c1, c2, c3]``.
     """
 
     def __init__(self, name: str = "revcol_small", options: Mapping[str, Any] | None = None) -> None:
@@ -63,8 +64,7 @@ class RevColBackbone(FullNet):
             config = get_variant(name).fullnet_kwargs(**options)
         super().__init__(**config)
         self.variant = name
-        if pretrained is not None:
-            load_pretrained(self, pretrained)
+        load_weights(self, None if name == CUSTOM_NAME else name, pretrained)
 
 
 def expand_backbone(d: dict) -> dict:
@@ -88,6 +88,19 @@ def expand_backbone(d: dict) -> dict:
     expanded += [[0, 1, "Index", [c, level]] for level, c in enumerate(channels)]
     d["backbone"] = expanded + backbone[1:]
     _check_sources(d["backbone"] + d.get("head", []))
+    return d
+
+
+def without_pretrained(d: dict) -> dict:
+    """A copy of model dict ``d`` whose RevCol backbone row loads no pretrained weights.
+
+    For a model that gets trained weights right after it is built (fine-tuning or resuming from a ``.pt``):
+    the ImageNet file named in its YAML is then neither needed nor read.
+    """
+    d = copy.deepcopy(d)
+    for row in d.get("backbone") or []:
+        if _is_revcol_row(row) and row[3] and isinstance(row[3][0], Mapping):
+            row[3][0].pop("pretrained", None)
     return d
 
 

@@ -13,7 +13,9 @@ import torch
 from torch import nn
 from ultralytics.models.rtdetr.train import RTDETRTrainer
 from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.nn.tasks import yaml_model_load
 
+from revcol.integration import without_pretrained
 from revcol.model import ConvNextBlock, SubNet
 
 
@@ -44,7 +46,16 @@ def exclude_from_weight_decay(optimizer: torch.optim.Optimizer, params: list[nn.
 
 
 class RevColTrainerMixin:
-    """Ultralytics' optimizer, with RevCol alphas and gammas excluded from weight decay."""
+    """Ultralytics' trainer with RevCol alphas and gammas excluded from weight decay.
+
+    A model built to receive trained weights (fine-tuning or resuming from a ``.pt``) skips the ``pretrained``
+    file its YAML names: those weights would be overwritten at once, and the file may be long gone.
+    """
+
+    def get_model(self, cfg=None, weights=None, verbose=True):
+        if weights and cfg is not None:
+            cfg = without_pretrained(cfg if isinstance(cfg, dict) else yaml_model_load(cfg))
+        return super().get_model(cfg=cfg, weights=weights, verbose=verbose)
 
     def build_optimizer(self, model, *args, **kwargs):
         optimizer = super().build_optimizer(model, *args, **kwargs)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
+from revcol import weights
 from revcol.errors import ConfigError
 from revcol.model import FullNet
 from revcol.pretrained import load_pretrained
@@ -42,19 +43,38 @@ def get_variant(name: str) -> VariantSpec:
         raise ConfigError(f"unknown RevCol variant {name!r}; known variants: {', '.join(VARIANTS)}") from None
 
 
+Pretrained = bool | str | os.PathLike | None
+
+
+def load_weights(model: FullNet, variant: str | None, pretrained: Pretrained) -> None:
+    """Load what ``pretrained`` names into ``model`` (variant ``variant``, ``None`` for a custom configuration).
+
+    ``True``: the variant's default published weights; one of its tags (``revcol.weights.WEIGHTS``): those;
+    anything else: a checkpoint path. Published files are downloaded once into torch's hub cache.
+    ``None`` or ``False``: nothing is loaded.
+    """
+    if pretrained is None or pretrained is False:
+        return
+    if not isinstance(pretrained, (bool, str, os.PathLike)):
+        raise ConfigError(
+            f"pretrained must be true, a published tag or a checkpoint path, got {type(pretrained).__name__} "
+            f"{pretrained!r}"
+        )
+    load_pretrained(model, weights.resolve(variant, pretrained))
+
+
 def build_variant(
     name: str,
     *,
-    pretrained: str | Path | None = None,
+    pretrained: Pretrained = None,
     save_memory: bool = True,
     drop_path: float | None = None,
     kernel_size: int = 3,
 ) -> FullNet:
-    """Build variant ``name``; ``drop_path=None`` uses the paper's rate, ``pretrained`` a checkpoint path."""
+    """Build variant ``name``; ``drop_path=None`` uses the paper's rate; ``pretrained`` as in ``load_weights``."""
     config = get_variant(name).fullnet_kwargs(drop_path=drop_path, kernel_size=kernel_size, save_memory=save_memory)
     model = FullNet(**config)
-    if pretrained is not None:
-        load_pretrained(model, pretrained)
+    load_weights(model, name, pretrained)
     return model
 
 
