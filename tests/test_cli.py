@@ -53,12 +53,18 @@ def test_no_arguments_prints_help(capsys):
 def test_info_table(tmp_path):
     run = revcol("info", cwd=tmp_path)
     assert run.returncode == 0, run.stderr
-    lines = {line.split()[0]: line.split() for line in run.stdout.splitlines() if line.startswith("revcol_")}
+    variants, published = run.stdout.split("\n\n")[:2]
+    lines = {line.split()[0]: line.split() for line in variants.splitlines() if line.startswith("revcol_")}
     assert list(lines) == ["revcol_tiny", "revcol_small", "revcol_base", "revcol_large", "revcol_xlarge"]
     # params (M) as in the paper, and the columns
     assert [row[4] for row in lines.values()] == ["29.9", "60.1", "138.0", "272.1", "832.0"]
     assert lines["revcol_small"][1:4] == ["64-128-256-512", "2-2-4-2", "8"]
     assert "GFLOPs @224" in run.stdout
+    # the authors' published weights, with the default of pretrained=True marked and none cached here
+    rows = [line.split() for line in published.splitlines() if line.startswith("revcol_")]
+    assert ["revcol_small", "in1k", "*", "revcol_small_1k.pth", "224", "83.5", "1000", "no"] in rows
+    assert ["revcol_base", "in22k", "revcol_base_22k.pth", "224", "-", "21841", "no"] in rows
+    assert len(rows) == 9 and not any(row[0] == "revcol_xlarge" for row in rows)
     # GFLOPs grow with the square of the image size
     small = revcol("info", "revcol_small", "--imgsz", "448", cwd=tmp_path)
     assert small.returncode == 0, small.stderr

@@ -3,9 +3,10 @@
     revcol train|val|predict|export|track|benchmark key=value ...   exactly as ``yolo <mode> key=value ...``
     revcol demo [--output DIR] [--epochs N] [--imgsz N] [--device D] ...
     revcol info [VARIANT | MODEL.yaml] [--imgsz N]
+    revcol download VARIANT [TAG]
     revcol help | --help | version
 
-Everything that is not one of our commands (``demo``, ``info``, ``help``, ``version``) goes to
+Everything that is not one of our commands (``demo``, ``info``, ``download``, ``help``, ``version``) goes to
 Ultralytics' own CLI entry point after ``import revcol``, so arguments, outputs, ``runs/`` folders,
 progress bars and error messages are Ultralytics' own. Errors a user can cause (bad arguments, a
 wrong model YAML, a missing file) are printed without a traceback: exit status 2 for a malformed
@@ -22,7 +23,7 @@ from collections.abc import Sequence
 
 from revcol.errors import RevColError
 
-OUR_COMMANDS = ("demo", "info", "help", "version")
+OUR_COMMANDS = ("demo", "info", "download", "help", "version")
 HELP_ALIASES = frozenset({"help", "-h", "--help", "-help", "h"})
 # Errors a user can cause, shown as a message, not a traceback: revcol's own (a bad configuration, model-YAML row,
 # input or checkpoint), a malformed command line (Ultralytics' argument checks and ours raise SyntaxError) and a
@@ -36,14 +37,16 @@ Usage:
     revcol MODE key=value ...           Ultralytics' `yolo MODE key=value ...`, with the RevCol backbones registered
     revcol demo [options]               offline demo: synthetic shapes, train RT-DETR-RevCol on the CPU, predict
     revcol info [VARIANT|MODEL.yaml] [--imgsz N]
-                                        RevCol variants: channels, depths, columns, parameters, GFLOPs
+                                        RevCol variants: channels, depths, columns, parameters, GFLOPs,
+                                        and the authors' published weights (tag, resolution, top-1, cached)
+    revcol download VARIANT [TAG]       fetch published weights into torch's hub cache, print the path
     revcol help | version
 
 Modes (same arguments and outputs as `yolo`, see `yolo help` or https://docs.ultralytics.com/usage/cli/):
     train, val, predict, export, track, benchmark; other `yolo` commands (checks, settings, cfg, ...) work too.
 
 Shipped model configs, loadable by bare name:
-    rtdetr-revcol.yaml       RT-DETR with RevCol-S (pretrained: add {pretrained: revcol_small_1k.pth} in a copy)
+    rtdetr-revcol.yaml       RT-DETR with RevCol-S (ImageNet weights: add {pretrained: true} in a copy)
     rtdetr-revcol-cpu.yaml   RT-DETR with a small custom RevCol: trains on a CPU
     rtdetr-revcol-demo.yaml  the tiny 3-class model of `revcol demo`
     yolo-revcol.yaml         YOLO detector (C2f neck, Detect head) with RevCol-T
@@ -56,10 +59,11 @@ Examples:
     revcol demo --output revcol-demo     (about 6 minutes on 2 CPU cores; `revcol demo --help` for options)
     revcol info revcol_small --imgsz 640
     revcol info rtdetr-revcol.yaml --imgsz 640
+    revcol download revcol_small        (then `pretrained: true` in a YAML needs no network)
 
 In a model YAML, a RevCol backbone is one row that expands to layers 0-4
 (0 backbone, 1 stride 4, 2 stride 8, 3 stride 16, 4 stride 32):
-    - [-1, 1, revcol_small, [{pretrained: revcol_small_1k.pth, save_memory: true, drop_path: 0.2}]]
+    - [-1, 1, revcol_small, [{pretrained: true, save_memory: true, drop_path: 0.2}]]   (or a tag, or a path)
     - [-1, 1, revcol, [{channels: [16, 32, 64, 128], layers: [1, 1, 1, 1], num_subnet: 2}]]
 
 Set REVCOL_TRACEBACK=1 to see full tracebacks of errors.
@@ -78,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo(args[1:])
         if command == "info":
             return _info(args[1:])
+        if command == "download":
+            return _download(args[1:])
         if command in {"version", "--version", "-v"}:
             return _version()
         return _ultralytics(args)
@@ -204,7 +210,29 @@ def _info(argv: list[str]) -> int:
         return _info_yaml(target, options.imgsz)
     if target is not None and target not in VARIANTS:
         parser.error(f"unknown variant {target!r}; choose from {', '.join(VARIANTS)} or give a model .yaml")
-    print(variant_table([target] if target else list(VARIANTS), options.imgsz))
+    names = [target] if target else list(VARIANTS)
+    print(variant_table(names, options.imgsz), weights_table(names), sep="\n\n")
+    return 0
+
+
+def _download(argv: list[str]) -> int:
+    from revcol import weights
+    from revcol.variants import VARIANTS
+
+    parser = _Parser(
+        prog="revcol download",
+        description="Fetch the authors' published weights of a variant into torch's hub cache (where "
+        "pretrained=True looks) and print the cached file's path. REVCOL_WEIGHTS_URL replaces the base URL.",
+    )
+    parser.add_argument("variant", help=f"one of {', '.join(weights.WEIGHTS)}")
+    parser.add_argument("tag", nargs="?", help="a published tag (see `revcol info VARIANT`); default: the variant's")
+    options = parser.parse_args(argv)
+    if options.variant not in VARIANTS:
+        parser.error(f"unknown variant {options.variant!r}; choose from {', '.join(VARIANTS)}")
+    tags = weights.WEIGHTS.get(options.variant, {})
+    if options.tag is not None and options.tag not in tags:
+        parser.error(f"{options.variant} has no published weights tagged {options.tag!r}; tags: {', '.join(tags)}")
+    print(weights.resolve(options.variant, options.tag or True))
     return 0
 
 
@@ -212,33 +240,54 @@ def variant_table(names: Sequence[str], imgsz: int) -> str:
     """A text table of the variants ``names``: channels, depths, columns, parameters and GFLOPs at ``imgsz``."""
     from revcol.variants import VARIANTS
 
-    header = ("variant", "channels", "depths", "columns", "params (M)", f"GFLOPs @{imgsz}")
-    rows = [header]
+    rows = []
     for name in names:
         spec = VARIANTS[name]
         params, flops = count_variant(name, imgsz)
-        rows.append(
-            (
-                name,
-                "-".join(map(str, spec.channels)),
-                "-".join(map(str, spec.layers)),
-                str(spec.num_subnet),
-                f"{params / 1e6:.1f}",
-                f"{flops / 1e9:.1f}",
-            )
+        channels, depths = "-".join(map(str, spec.channels)), "-".join(map(str, spec.layers))
+        rows.append((name, channels, depths, str(spec.num_subnet), f"{params / 1e6:.1f}", f"{flops / 1e9:.1f}"))
+    header = ("variant", "channels", "depths", "columns", "params (M)", f"GFLOPs @{imgsz}")
+    note = "GFLOPs: backbone only, 2 x multiply-accumulates (Ultralytics' convention; the paper's FLOPs are half that)."
+    return _text_table(header, rows, note)
+
+
+def weights_table(names: Sequence[str]) -> str:
+    """A text table of the authors' published weights of the variants ``names``, and whether each is cached."""
+    from revcol import weights
+
+    rows = [
+        (
+            entry.variant,
+            entry.tag + (" *" if weights.DEFAULT_TAGS.get(entry.variant) == entry.tag else ""),
+            entry.filename,
+            str(entry.resolution),
+            "-" if entry.top1 is None else f"{entry.top1:.1f}",
+            str(entry.num_classes),
+            "yes" if weights.is_cached(entry) else "no",
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = [
-        "  ".join(
-            cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
-        )
-        for row in rows
+        for name in names
+        for entry in weights.WEIGHTS.get(name, {}).values()
     ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append(
-        "GFLOPs: backbone only, 2 x multiply-accumulates (Ultralytics' convention; the paper's FLOPs are half that)."
+    header = ("variant", "tag", "file", "resolution", "top-1", "classes", "cached")
+    note = (
+        "* the default of pretrained=True. top-1: ImageNet-1k at that resolution (- for the 22k-only files).\n"
+        f"Cache: {weights.cache_dir()} (torch's hub cache; `revcol download VARIANT [TAG]` fills it)"
     )
-    return "\n".join(lines)
+    return _text_table(header, rows, note) if rows else "No published weights for " + ", ".join(names) + "."
+
+
+def _text_table(header: Sequence[str], rows: Sequence[Sequence[str]], note: str) -> str:
+    """Columns padded to their widest cell: the first left-aligned, the others right-aligned."""
+    table = [header, *rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+
+    def line(row: Sequence[str]) -> str:
+        cells = zip(row, widths, strict=True)
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(cells))
+
+    lines = [line(row) for row in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join([*lines, note])
 
 
 def count_variant(name: str, imgsz: int) -> tuple[int, int]:
