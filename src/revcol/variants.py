@@ -53,14 +53,8 @@ def load_weights(model: FullNet, variant: str | None, pretrained: Pretrained) ->
     anything else: a checkpoint path. Published files are downloaded once into torch's hub cache.
     ``None`` or ``False``: nothing is loaded.
     """
-    if pretrained is None or pretrained is False:
-        return
-    if not isinstance(pretrained, (bool, str, os.PathLike)):
-        raise ConfigError(
-            f"pretrained must be true, a published tag or a checkpoint path, got {type(pretrained).__name__} "
-            f"{pretrained!r}"
-        )
-    load_pretrained(model, weights.resolve(variant, pretrained))
+    if pretrained is not None and pretrained is not False:
+        load_pretrained(model, weights.resolve(variant, pretrained))
 
 
 def build_variant(
