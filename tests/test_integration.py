@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import logging
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -99,29 +101,112 @@ def test_pretrained_option_loads_authors_layout(tmp_path):
         torch.testing.assert_close(value, state[f"module.{key}"], rtol=0, atol=0)
 
 
-def test_register_is_idempotent_and_unregister_restores_originals():
-    originals = {(id(owner), name): original for owner, name, original in integration._patches}
-    patched = (tasks.parse_model, tasks.check_yaml, Model._smart_load, tasks.BaseModel.predict)
+TARGETS = [
+    (tasks, "parse_model"),
+    (tasks, "check_yaml"),
+    (tasks.BaseModel, "predict"),
+    (tasks.RTDETRDetectionModel, "predict"),
+    (Model, "_smart_load"),
+    (tasks._SafeLoad, "loading"),
+]
+
+
+def _unwrapped(value):
+    """The callable a patched attribute calls: a wrapper's original (staticmethods unpacked)."""
+    return getattr(value, "__func__", value).__wrapped__
+
+
+@pytest.fixture
+def unregistered():
+    """The Ultralytics attributes as they are without revcol; revcol registered again afterwards."""
+    revcol.unregister()
+    try:
+        yield {target: vars(target[0]).get(target[1]) for target in TARGETS}, {t: getattr(*t) for t in TARGETS}
+    finally:
+        revcol.unregister()
+        revcol.register()
+
+
+def _assert_pristine(originals):
+    assert not revcol.is_registered() and "RevColBackbone" not in vars(tasks)
+    for (owner, name), original in originals.items():
+        assert vars(owner).get(name) is original, name
+
+
+def _assert_wrapped_once(bound):
+    assert revcol.is_registered() and vars(tasks)["RevColBackbone"] is RevColBackbone
+    for (owner, name), original in bound.items():
+        assert _unwrapped(vars(owner)[name]) == original, name  # == : bound classmethods are new objects
+
+
+def test_register_is_idempotent_and_unregister_restores_originals(unregistered):
+    originals, bound = unregistered
     revcol.register()
-    assert (tasks.parse_model, tasks.check_yaml, Model._smart_load, tasks.BaseModel.predict) == patched
+    patched = {t: vars(t[0])[t[1]] for t in TARGETS}
+    revcol.register()
+    assert {t: vars(t[0])[t[1]] for t in TARGETS} == patched
+    _assert_wrapped_once(bound)
+    revcol.unregister()
+    revcol.unregister()
+    _assert_pristine(originals)
+    with pytest.raises(KeyError):  # Ultralytics as before: the name is unknown to it
+        tasks.RTDETRDetectionModel(rtdetr_dict("revcol_tiny"), verbose=False)
+
+
+class _SomeoneElses:
+    """A class another library allowed for weights-only loading."""
+
+
+def test_concurrent_register_and_unregister_leave_one_wrapper_and_others_globals(unregistered):
+    originals, bound = unregistered
+    torch_entries = set(torch.serialization.get_safe_globals())
+    errors = []
+    start = threading.Barrier(16)
+
+    def churn(seed):
+        try:
+            start.wait()
+            for step in range(40):
+                (revcol.register if (seed + step) % 3 else revcol.unregister)()
+        except Exception as error:  # collected: an exception in a thread would not fail the test
+            errors.append(error)
+
+    with torch.serialization.safe_globals([_SomeoneElses]):
+        threads = [threading.Thread(target=churn, args=(i,)) for i in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors
+        revcol.register()
+        _assert_wrapped_once(bound)
+        revcol.unregister()
+        _assert_pristine(originals)
+        assert set(torch.serialization.get_safe_globals()) == torch_entries | {_SomeoneElses}
+
+
+def test_unregister_keeps_a_wrapper_someone_else_put_on_top(unregistered):
+    originals, _ = unregistered
+    revcol.register()
+    ours = tasks.parse_model
+    calls = []
+
+    def theirs(d, ch, verbose=True):
+        calls.append(d)
+        return ours(d, ch, verbose)
+
+    tasks.parse_model = theirs
     try:
         revcol.unregister()
-        assert not revcol.is_registered()
-        for owner, name in [
-            (tasks, "parse_model"),
-            (tasks, "check_yaml"),
-            (tasks.BaseModel, "predict"),
-            (tasks.RTDETRDetectionModel, "predict"),
-            (Model, "_smart_load"),
-        ]:
-            assert vars(owner)[name] is originals[(id(owner), name)], name
-        assert "RevColBackbone" not in vars(tasks)
-        assert RevColBackbone not in torch.serialization.get_safe_globals()
-        with pytest.raises(KeyError):  # Ultralytics as before: the name is unknown to it
+        assert tasks.parse_model is theirs
+        with pytest.raises(KeyError):  # our wrapper inside theirs passes straight through now
             tasks.RTDETRDetectionModel(rtdetr_dict("revcol_tiny"), verbose=False)
-    finally:
         revcol.register()
-    assert revcol.is_registered() and vars(tasks)["RevColBackbone"] is RevColBackbone
+        model = tasks.RTDETRDetectionModel(rtdetr_dict("revcol", TINY), verbose=False)
+        assert isinstance(model.model[0], RevColBackbone) and len(calls) == 2
+    finally:
+        revcol.unregister()
+        tasks.parse_model = originals[tasks, "parse_model"]
 
 
 def test_supported_range_is_the_one_in_the_package_metadata():
@@ -156,6 +241,9 @@ def test_unsupported_ultralytics_version_is_refused(monkeypatch, version):
         ("revcol_tiny", [{"drop_path": 1.5}], r"drop_path must be a number in \[0, 1\)"),
         ("revcol", [{"channels": [8, 16, 24, 32]}], r"needs channels, layers and num_subnet"),
         ("revcol_tiny", [{"pretrained": "does/not/exist.pth"}], r"checkpoint not found"),
+        ("revcol_tiny", [{"save_memory": "False"}], r"save_memory must be True or False, got 'False'"),
+        ("revcol_tiny", [{"kernel_size": True}], r"kernel_size must be a positive odd int, got True"),
+        ("revcol_tiny", [{"drop_path": "0.1"}], r"drop_path must be a number in \[0, 1\), got '0.1'"),
     ],
 )
 def test_bad_backbone_rows_fail_clearly(name, args, match):
@@ -177,6 +265,58 @@ def test_head_index_outside_the_backbone_slots_fails_clearly(row, match):
     d["head"][0] = row
     with pytest.raises(ValueError, match=match):
         tasks.RTDETRDetectionModel(d, verbose=False)
+
+
+@pytest.mark.parametrize("where", ["head", "backbone"])
+def test_revcol_row_outside_the_first_backbone_row_names_the_row(where):
+    d = rtdetr_dict("revcol", TINY)
+    d[where].insert(1, [-1, 1, "revcol_tiny", []])
+    match = rf"first backbone row .*found at {where} row 1 \[-1, 1, 'revcol_tiny'"
+    with pytest.raises(revcol.ConfigError, match=match):
+        tasks.RTDETRDetectionModel(d, verbose=False)
+
+
+def test_revcol_row_in_the_head_of_a_non_revcol_backbone_is_a_config_error():
+    d = rtdetr_dict("revcol", TINY)
+    d["backbone"] = [[-1, 1, "Conv", [16, 3, 2]]]
+    d["head"] = [[-1, 1, "revcol_small", []]]
+    with pytest.raises(revcol.ConfigError, match=r"found at head row 0"):
+        tasks.RTDETRDetectionModel(d, verbose=False)
+
+
+def test_numpy_integers_work_wherever_ints_do():
+    options = {
+        "channels": [np.int64(c) for c in TINY["channels"]],
+        "layers": [np.int32(v) for v in TINY["layers"]],
+        "num_subnet": np.int64(2),
+        "kernel_size": np.int16(5),
+    }
+    backbone = tasks.RTDETRDetectionModel(rtdetr_dict("revcol", options), verbose=False).model[0]
+    assert backbone.channels == tuple(TINY["channels"]) and backbone.num_subnet == 2 and backbone.kernel_size == 5
+    assert all(type(c) is int for c in backbone.width_list)
+
+
+def test_empty_image_through_the_ultralytics_model_is_an_input_error():
+    model = tiny_rtdetr().eval()
+    with pytest.raises(revcol.InputError, match=r"positive multiples of 32 .*got 0x64"):
+        model.predict(torch.zeros(1, 3, 0, 64))
+
+
+def test_info_of_a_classify_yaml_prints_one_summary(tmp_path, capsys):
+    from revcol import cli
+
+    path = tmp_path / "cls-revcol.yaml"
+    path.write_text(f"nc: 3\nbackbone:\n  - [-1, 1, revcol, [{TINY}]]\nhead:\n  - [-1, 1, Classify, [nc]]\n")
+    logged = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    ultralytics.utils.LOGGER.addHandler(handler)
+    try:
+        assert cli.main(["info", str(path), "--imgsz", "64"]) == 0
+    finally:
+        ultralytics.utils.LOGGER.removeHandler(handler)
+    summaries = [m for m in logged + capsys.readouterr().out.splitlines() if "summary" in m]
+    assert len(summaries) == 1, summaries
 
 
 def test_predict_extras_handle_the_list_output(tmp_path):

@@ -311,14 +311,23 @@ def count_variant(name: str, imgsz: int) -> tuple[int, int]:
 
 def _info_yaml(path: str, imgsz: int) -> int:
     """Ultralytics' model summary (layers, parameters, GFLOPs at ``imgsz``) of a model YAML."""
+    import logging
+
     from ultralytics import YOLO
     from ultralytics.nn.tasks import RTDETRDetectionModel, yaml_model_load
+    from ultralytics.utils import LOGGER
     from ultralytics.utils.torch_utils import model_info
 
     import revcol  # noqa: F401  (registers the backbones)
 
     head = (yaml_model_load(path).get("head") or [[None, None, ""]])[-1]
-    model = RTDETRDetectionModel(path, verbose=False) if head[2] == "RTDETRDecoder" else YOLO(path).model
+    # ClassificationModel logs a summary of its own while it is built, whatever verbose says: one summary is ours
+    level = LOGGER.level
+    LOGGER.setLevel(logging.WARNING)
+    try:
+        model = RTDETRDetectionModel(path, verbose=False) if head[2] == "RTDETRDecoder" else YOLO(path).model
+    finally:
+        LOGGER.setLevel(level)
     model_info(model, imgsz=imgsz)
     return 0
 

@@ -13,11 +13,15 @@ Ultralytics parses the model into five layers, so the head sees the documented i
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import importlib.metadata
+import pickle
 import re
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +29,7 @@ import torch
 from timm.layers import DropPath, LayerNorm, LayerNorm2d
 
 from revcol.errors import ConfigError
+from revcol.lr_decay import check_lr_decay
 from revcol.model import ConvNextBlock, FullNet, Fusion, Level, SubNet, UpSample
 from revcol.variants import VARIANTS, get_variant, load_weights
 
@@ -32,7 +37,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 CUSTOM_NAME = "revcol"
 BACKBONE_NAMES = frozenset({CUSTOM_NAME, *VARIANTS})
 BACKBONE_LAYERS = 5  # the backbone module and one Index per level
-VARIANT_OPTIONS = frozenset({"pretrained", "save_memory", "drop_path", "kernel_size"})
+VARIANT_OPTIONS = frozenset({"pretrained", "save_memory", "drop_path", "kernel_size", "lr_decay"})
 CUSTOM_OPTIONS = VARIANT_OPTIONS | {"channels", "layers", "num_subnet"}
 
 
@@ -52,6 +57,7 @@ class RevColBackbone(FullNet):
         if unknown:
             raise ConfigError(f"unknown option(s) {unknown} for RevCol backbone {name!r}; allowed: {sorted(allowed)}")
         pretrained = options.pop("pretrained", None)
+        lr_decay = check_lr_decay(options.pop("lr_decay", None))  # read by the RevCol trainers
         if name == CUSTOM_NAME:
             missing = sorted({"channels", "layers", "num_subnet"} - set(options))
             if missing:
@@ -64,19 +70,16 @@ class RevColBackbone(FullNet):
             config = get_variant(name).fullnet_kwargs(**options)
         super().__init__(**config)
         self.variant = name
+        self.lr_decay = lr_decay
         load_weights(self, None if name == CUSTOM_NAME else name, pretrained)
 
 
 def expand_backbone(d: dict) -> dict:
     """Rewrite a model dict whose first backbone row names a RevCol backbone into the five-layer form."""
     backbone = d.get("backbone") or []
-    rows = [i for i, row in enumerate(backbone) if _is_revcol_row(row)]
-    if not rows:
+    _check_placement(backbone, d.get("head") or [])
+    if not (backbone and _is_revcol_row(backbone[0])):
         return d
-    if rows != [0]:
-        raise ConfigError(
-            f"a RevCol backbone must be the first backbone row (it takes the image); found at backbone rows {rows}"
-        )
     source, repeats, name, args = backbone[0]
     if source != -1 or repeats != 1:
         raise ConfigError(f"the RevCol backbone row must read [-1, 1, {name}, [...]], got {backbone[0]}")
@@ -102,6 +105,16 @@ def without_pretrained(d: dict) -> dict:
         if _is_revcol_row(row) and row[3] and isinstance(row[3][0], Mapping):
             row[3][0].pop("pretrained", None)
     return d
+
+
+def _check_placement(backbone: list, head: list) -> None:
+    """A RevCol row takes the image, so the first backbone row is the only place for it."""
+    misplaced = [f"backbone row {i} {row}" for i, row in enumerate(backbone) if i and _is_revcol_row(row)]
+    misplaced += [f"head row {i} {row}" for i, row in enumerate(head) if _is_revcol_row(row)]
+    if misplaced:
+        raise ConfigError(
+            f"a RevCol backbone must be the first backbone row (it takes the image); found at {'; '.join(misplaced)}"
+        )
 
 
 def _is_revcol_row(row: Any) -> bool:
@@ -152,9 +165,9 @@ def supported_ultralytics() -> str:
     raise RuntimeError(f"revcol's metadata names no Ultralytics version range: {requirements}")
 
 
-_patches: list[tuple[Any, str, Any]] = []
-_MISSING = object()
-_SAFE_GLOBALS = [
+# The classes a checkpoint of a RevCol model pickles (torch.serialization.get_unsafe_globals_in_checkpoint of a
+# trained best.pt), plus FullNet for a pickled plain backbone.
+CHECKPOINT_CLASSES = (
     RevColBackbone,
     FullNet,
     SubNet,
@@ -165,12 +178,101 @@ _SAFE_GLOBALS = [
     LayerNorm,
     LayerNorm2d,
     DropPath,
-]
+)
 
 
-def _patch(owner: Any, name: str, value: Any) -> None:
-    _patches.append((owner, name, owner.__dict__.get(name, _MISSING)))
+def _bare_maker(cls: type) -> type:
+    """What the name of ``cls`` resolves to in a restricted load: an empty ``cls`` for the pickled state to fill.
+
+    A module pickles as NEWOBJ (``cls.__new__(cls)``) followed by BUILD (its ``__dict__``). A crafted file can use
+    REDUCE instead, which calls ``cls(*args)``: ``__init__`` would then allocate a model of any size or read the
+    ``pretrained`` file the arguments name. Both opcodes call this stand-in, which never runs ``__init__`` and
+    refuses arguments, so only the state a real checkpoint holds can be restored.
+    """
+
+    def __new__(_maker: type, *args: Any, **kwargs: Any) -> Any:
+        if args or kwargs:
+            raise pickle.UnpicklingError(
+                f"refusing to call {cls.__module__}.{cls.__qualname__} with arguments while unpickling: a RevCol "
+                "checkpoint only restores module state, so this file was not written by torch.save of a model"
+            )
+        return cls.__new__(cls)
+
+    return type(cls.__name__, (), {"__new__": __new__, "__module__": __name__, "__qualname__": f"bare.{cls.__name__}"})
+
+
+def _checkpoint_globals() -> list[tuple[Any, str]]:
+    entries = []
+    for cls in CHECKPOINT_CLASSES:
+        name = f"{cls.__module__}.{cls.__qualname__}"
+        entries.append((_bare_maker(cls), name))
+        # BUILD accepts an instance whose type is an allow-list value; a name with a newline is one that no GLOBAL
+        # opcode can spell, so the class itself is never reachable to REDUCE.
+        entries.append((cls, f"{name}\n(the class itself, for BUILD)"))
+    return entries
+
+
+_SCOPE = torch.serialization.safe_globals(_checkpoint_globals())
+_scope_lock = threading.Lock()
+_scope_users = 0
+
+
+@contextlib.contextmanager
+def checkpoint_classes_allowed() -> Iterator[None]:
+    """Let ``torch.load(weights_only=True)`` restore RevCol modules inside this block only (any thread).
+
+    The names resolve to stand-ins that build empty modules for the pickled state: a file that tries to call a
+    RevCol class with arguments is refused. Overlapping blocks in several threads share one allow-list entry set,
+    added by the first to enter and removed by the last to leave; nothing else on torch's allow-list is touched.
+    """
+    global _scope_users
+    with _scope_lock:
+        if _scope_users == 0:
+            _SCOPE.__enter__()
+        _scope_users += 1
+    try:
+        yield
+    finally:
+        with _scope_lock:
+            _scope_users -= 1
+            if _scope_users == 0:
+                _SCOPE.__exit__(None, None, None)
+
+
+@dataclass
+class _Patch:
+    owner: Any
+    name: str
+    original: Any  # owner.__dict__[name] before register(); _MISSING if it had none
+    installed: Any
+
+
+class _Switch:
+    """On while the registration that made a set of wrappers is in effect."""
+
+    on = True
+
+
+_MISSING = object()
+_lock = threading.RLock()
+_patches: list[_Patch] = []
+_switch = _Switch()
+
+
+def _set(owner: Any, name: str, value: Any) -> None:
+    _patches.append(_Patch(owner, name, owner.__dict__.get(name, _MISSING), value))
     setattr(owner, name, value)
+
+
+def _guarded(switch: _Switch, original: Callable, wrapper: Callable) -> Callable:
+    """``wrapper`` while ``switch`` is on, ``original`` after it: a wrapper that unregister() had to leave in place
+    (someone wrapped it in turn) then passes calls straight through."""
+
+    @functools.wraps(original)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return (wrapper if switch.on else original)(*args, **kwargs)
+
+    return call
 
 
 def is_registered() -> bool:
@@ -179,42 +281,73 @@ def is_registered() -> bool:
 
 
 def register() -> None:
-    """Make the RevCol backbones nameable in Ultralytics YAMLs. Calling it again does nothing."""
-    if _patches:
-        return
-    import ultralytics
+    """Make the RevCol backbones nameable in Ultralytics YAMLs and loadable by its safe load. Idempotent, thread-safe.
+
+    torch's weights-only allow-list is left as it is: the RevCol classes are allowed only while Ultralytics'
+    restricted load (``ULTRALYTICS_SAFE_LOAD=true``) runs, see ``checkpoint_classes_allowed``.
+    """
+    with _lock:
+        if _patches:
+            return
+        import ultralytics
+        from ultralytics.utils.checks import check_version
+
+        supported = supported_ultralytics()
+        if not check_version(ultralytics.__version__, supported):
+            raise RuntimeError(
+                f"revcol supports ultralytics {supported}; found {ultralytics.__version__}. "
+                f"Install a supported release: pip install 'ultralytics{supported}'"
+            )
+        try:
+            _install()
+        except BaseException:
+            unregister()
+            raise
+
+
+def _install() -> None:
     from ultralytics.engine.model import Model
     from ultralytics.nn import tasks
-    from ultralytics.utils.checks import check_version
 
-    supported = supported_ultralytics()
-    if not check_version(ultralytics.__version__, supported):
-        raise RuntimeError(
-            f"revcol supports ultralytics {supported}; found {ultralytics.__version__}. "
-            f"Install a supported release: pip install 'ultralytics{supported}'"
-        )
     from revcol import trainers
 
-    _patch(tasks, RevColBackbone.__name__, RevColBackbone)
-    _patch(tasks, "parse_model", _wrap_parse_model(tasks.parse_model))
-    _patch(tasks, "check_yaml", _wrap_check_yaml(tasks.check_yaml))
-    _patch(tasks.BaseModel, "predict", _wrap_predict(tasks.BaseModel.predict))
-    _patch(tasks.RTDETRDetectionModel, "predict", _wrap_predict(tasks.RTDETRDetectionModel.predict))
-    _patch(Model, "_smart_load", trainers.wrap_smart_load(Model._smart_load))
-    torch.serialization.add_safe_globals(_SAFE_GLOBALS)
+    global _switch
+    _switch = switch = _Switch()
+
+    def wrap(owner: Any, name: str, make: Callable[[Callable], Callable], as_static: bool = False) -> None:
+        original = getattr(owner, name)
+        guarded = _guarded(switch, original, make(original))
+        _set(owner, name, staticmethod(guarded) if as_static else guarded)
+
+    _set(tasks, RevColBackbone.__name__, RevColBackbone)
+    wrap(tasks, "parse_model", _wrap_parse_model)
+    wrap(tasks, "check_yaml", _wrap_check_yaml)
+    wrap(tasks.BaseModel, "predict", _wrap_predict)
+    wrap(tasks.RTDETRDetectionModel, "predict", _wrap_predict)
+    wrap(Model, "_smart_load", trainers.wrap_smart_load)
+    for owner, name, make in trainers.hooks():  # every trainer, user subclasses too
+        wrap(owner, name, make)
+    # The one context manager every restricted load of both supported releases enters (torch_safe_load calls it,
+    # whichever module a caller imported torch_safe_load from); a classmethod, so the wrapper is a staticmethod.
+    wrap(tasks._SafeLoad, "loading", _wrap_safe_loading, as_static=True)
 
 
 def unregister() -> None:
-    """Undo ``register()``: every patched Ultralytics object is restored (by identity)."""
-    while _patches:
-        owner, name, original = _patches.pop()
-        if original is _MISSING:
-            delattr(owner, name)
-        else:
-            setattr(owner, name, original)
-    kept = [g for g in torch.serialization.get_safe_globals() if g not in _SAFE_GLOBALS]
-    torch.serialization.clear_safe_globals()
-    torch.serialization.add_safe_globals(kept)
+    """Undo ``register()``: each attribute it set gets its previous value back (by identity). Thread-safe.
+
+    An attribute someone else replaced after ``register()`` (say, by wrapping the RevCol wrapper) keeps their
+    value; the RevCol wrapper inside it then passes calls through unchanged.
+    """
+    with _lock:
+        _switch.on = False
+        while _patches:
+            patch = _patches.pop()
+            if patch.owner.__dict__.get(patch.name, _MISSING) is not patch.installed:
+                continue
+            if patch.original is _MISSING:
+                delattr(patch.owner, patch.name)
+            else:
+                setattr(patch.owner, patch.name, patch.original)
 
 
 def _wrap_parse_model(parse_model: Callable) -> Callable:
@@ -245,5 +378,16 @@ def _wrap_predict(predict: Callable) -> Callable:
             backbones = {i for i, m in enumerate(self.model) if isinstance(m, RevColBackbone)}
             embed = sorted({j for i in embed for j in (range(i + 1, i + BACKBONE_LAYERS) if i in backbones else [i])})
         return predict(self, x, *args, embed=embed, **kwargs)
+
+    return wrapper
+
+
+def _wrap_safe_loading(loading: Callable) -> Callable:
+    """Ultralytics' restricted load with the RevCol classes allowed for its duration only."""
+
+    @contextlib.contextmanager
+    def wrapper(*args: Any, **kwargs: Any) -> Iterator[None]:
+        with checkpoint_classes_allowed(), loading(*args, **kwargs):
+            yield
 
     return wrapper
