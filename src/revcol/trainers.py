@@ -1,26 +1,46 @@
-"""Trainers for models with a RevCol backbone.
+"""What every Ultralytics trainer does differently for a model with a RevCol backbone (``docs/design.md``).
 
-They live in this package so that Ultralytics' DDP workers, which rebuild the trainer from its
-import path in a fresh process, import ``revcol`` (and so register the backbones) there too.
+``register()`` installs the ``hooks()``: ``BaseTrainer.build_optimizer`` and the ``get_model`` of each task
+trainer are wrapped, so Ultralytics' trainers, the RevCol ones and any user subclass of them
+
+* keep column alphas, layer-scale gammas and norms out of weight decay,
+* apply the backbone's layer-wise lr decay (option ``lr_decay``, see ``revcol.lr_decay``), and
+* build a model that is about to receive trained weights without its ``pretrained`` option.
+
+For models with a RevCol backbone ``Model._smart_load`` answers the RevCol trainer classes below. They add no
+behaviour; they give the trainer an import path inside this package, so an Ultralytics DDP worker, which imports
+the trainer class (8.4.67: ``from revcol.trainers import ...``; 8.4.190: by unpickling it), imports ``revcol``
+and so registers the backbones and these hooks before it builds the model or the optimizer.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
+from ultralytics.engine.trainer import BaseTrainer
 from ultralytics.models.rtdetr.train import RTDETRTrainer
+from ultralytics.models.yolo.classify import ClassificationTrainer
 from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.models.yolo.obb import OBBTrainer
+from ultralytics.models.yolo.pose import PoseTrainer
+from ultralytics.models.yolo.segment import SegmentationTrainer
 from ultralytics.nn.tasks import yaml_model_load
 
 from revcol.integration import without_pretrained
-from revcol.model import ConvNextBlock, SubNet
+from revcol.lr_decay import check_lr_decay, lr_scale
+from revcol.model import ConvNextBlock, FullNet, SubNet
 
 
 def no_decay_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """RevCol parameters that weight decay must not shrink: column alphas and layer-scale gammas."""
+    """RevCol parameters that weight decay must not shrink: column alphas and layer-scale gammas.
+
+    Norm weights need nothing here: Ultralytics already puts every ``*Norm*`` module's weight in its no-decay group.
+    """
     params = []
     for module in model.modules():
         if isinstance(module, SubNet):
@@ -45,22 +65,84 @@ def exclude_from_weight_decay(optimizer: torch.optim.Optimizer, params: list[nn.
         optimizer.add_param_group({"params": taken, **settings})
 
 
-class RevColTrainerMixin:
-    """Ultralytics' trainer with RevCol alphas and gammas excluded from weight decay.
+def lr_scales(model: nn.Module) -> dict[int, float]:
+    """``id(parameter) -> lr factor`` for the backbone's parameters under its ``lr_decay``; empty without one.
 
-    A model built to receive trained weights (fine-tuning or resuming from a ``.pt``) skips the ``pretrained``
-    file its YAML names: those weights would be overwritten at once, and the file may be long gone.
+    Parameters not in the map (everything outside the backbone) keep the base lr.
+    """
+    backbone = next((m for m in model.modules() if isinstance(m, FullNet)), None)
+    rate = check_lr_decay(getattr(backbone, "lr_decay", None))
+    if rate is None or rate == 1:
+        return {}
+    layers, columns = list(backbone.layers), backbone.num_subnet
+    return {id(p): lr_scale(name, layers, columns, rate) for name, p in backbone.named_parameters()}
+
+
+def scale_learning_rates(optimizer: torch.optim.Optimizer, scales: Mapping[int, float]) -> None:
+    """Split every param group by lr factor: the base-lr parameters stay, the others go to scaled copies.
+
+    A copy's ``lr`` (and ``initial_lr``, if a scheduler set one) carries its factor, recorded as ``lr_scale``.
+    Ultralytics' scheduler and warmup set each group's lr from its own ``initial_lr``, which torch's LambdaLR takes
+    from the group's lr when it is built, so the ratios between groups survive both.
+    """
+    for group in list(optimizer.param_groups):
+        by_scale: dict[float, list[nn.Parameter]] = defaultdict(list)
+        for p in group["params"]:
+            by_scale[scales.get(id(p), 1.0)].append(p)
+        group["params"] = by_scale.pop(1.0, [])
+        settings = {k: v for k, v in group.items() if k != "params"}
+        for scale, params in sorted(by_scale.items(), reverse=True):
+            scaled = {k: settings[k] * scale for k in ("lr", "initial_lr") if k in settings}
+            optimizer.add_param_group({**settings, **scaled, "params": params, "lr_scale": scale})
+
+
+def configure_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """The RevCol param groups on top of Ultralytics' own: no decay for alphas and gammas, then the lr decay."""
+    exclude_from_weight_decay(optimizer, no_decay_parameters(model))
+    scale_learning_rates(optimizer, lr_scales(model))
+
+
+def uses_revcol(model: object) -> bool:
+    return isinstance(model, nn.Module) and any(isinstance(m, SubNet) for m in model.modules())
+
+
+def wrap_build_optimizer(build_optimizer: Callable) -> Callable:
+    """``BaseTrainer.build_optimizer`` that adds the RevCol param groups for a model with a RevCol backbone."""
+
+    @functools.wraps(build_optimizer)
+    def wrapper(self, model, *args, **kwargs):
+        optimizer = build_optimizer(self, model, *args, **kwargs)
+        if uses_revcol(model):
+            configure_optimizer(optimizer, model)
+        return optimizer
+
+    return wrapper
+
+
+def wrap_get_model(get_model: Callable) -> Callable:
+    """A task trainer's ``get_model`` that skips the ``pretrained`` file of a model about to receive trained weights.
+
+    Fine-tuning or resuming from a ``.pt`` overwrites those weights at once, and the file may be long gone.
     """
 
-    def get_model(self, cfg=None, weights=None, verbose=True):
+    @functools.wraps(get_model)
+    def wrapper(self, cfg=None, weights=None, verbose=True):
         if weights and cfg is not None:
-            cfg = without_pretrained(cfg if isinstance(cfg, dict) else yaml_model_load(cfg))
-        return super().get_model(cfg=cfg, weights=weights, verbose=verbose)
+            cfg = _without_pretrained(cfg)
+        return get_model(self, cfg=cfg, weights=weights, verbose=verbose)
 
-    def build_optimizer(self, model, *args, **kwargs):
-        optimizer = super().build_optimizer(model, *args, **kwargs)
-        exclude_from_weight_decay(optimizer, no_decay_parameters(model))
-        return optimizer
+    return wrapper
+
+
+def _without_pretrained(cfg: dict | str) -> dict | str:
+    """``cfg`` itself unless it names a RevCol ``pretrained`` file, else its dict without that option."""
+    d = cfg if isinstance(cfg, dict) else yaml_model_load(cfg)
+    stripped = without_pretrained(d)
+    return cfg if stripped == d else stripped
+
+
+class RevColTrainerMixin:
+    """Marks the RevCol trainer classes; the behaviour itself comes from ``hooks()``, for every trainer alike."""
 
 
 class RevColDetectionTrainer(RevColTrainerMixin, DetectionTrainer):
@@ -71,14 +153,41 @@ class RevColRTDETRTrainer(RevColTrainerMixin, RTDETRTrainer):
     """RT-DETR trainer for RevCol models."""
 
 
+class RevColSegmentationTrainer(RevColTrainerMixin, SegmentationTrainer):
+    """YOLO instance segmentation trainer for RevCol models."""
+
+
+class RevColPoseTrainer(RevColTrainerMixin, PoseTrainer):
+    """YOLO pose trainer for RevCol models."""
+
+
+class RevColOBBTrainer(RevColTrainerMixin, OBBTrainer):
+    """YOLO oriented-box trainer for RevCol models."""
+
+
+class RevColClassificationTrainer(RevColTrainerMixin, ClassificationTrainer):
+    """YOLO classification trainer for RevCol models."""
+
+
 TRAINERS: dict[type, type] = {
     DetectionTrainer: RevColDetectionTrainer,
     RTDETRTrainer: RevColRTDETRTrainer,
+    SegmentationTrainer: RevColSegmentationTrainer,
+    PoseTrainer: RevColPoseTrainer,
+    OBBTrainer: RevColOBBTrainer,
+    ClassificationTrainer: RevColClassificationTrainer,
 }
 
 
-def uses_revcol(model: object) -> bool:
-    return isinstance(model, nn.Module) and any(isinstance(m, SubNet) for m in model.modules())
+def hooks() -> list[tuple[Any, str, Callable[[Callable], Callable]]]:
+    """``(owner, attribute, make_wrapper)`` for ``register()``: the optimizer hook and each task's model hook.
+
+    Each task trainer defines its own ``get_model``, so that is wrapped per class; a user subclass inherits it.
+    """
+    return [
+        (BaseTrainer, "build_optimizer", wrap_build_optimizer),
+        *((cls, "get_model", wrap_get_model) for cls in TRAINERS),
+    ]
 
 
 def wrap_smart_load(smart_load: Callable) -> Callable:
