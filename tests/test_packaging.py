@@ -33,6 +33,12 @@ def test_wheel_install_loads_shipped_configs_by_bare_name(tmp_path):
         "for name in ('rtdetr-revcol.yaml', 'rtdetr-revcol-cpu.yaml'):\n"
         "    assert type(RTDETR(name).model.model[0]).__name__ == 'RevColBackbone'\n"
         "assert YOLO('yolo-revcol.yaml').model.model[1].index == 0\n"
+        "from ultralytics.nn import tasks\n"  # the task configs: packaged and served, not built (seconds each)
+        "heads = {'seg': 'Segment', 'pose': 'Pose', 'obb': 'OBB', 'cls': 'Classify'}\n"
+        "for task, head in heads.items():\n"
+        "    name = f'yolo-revcol-{task}.yaml'\n"
+        f"    assert tasks.check_yaml(name).startswith({str(target)!r}), name\n"
+        "    assert tasks.yaml_model_load(name)['head'][-1][2] == head, name\n"
         "print('ok')\n"
     )
     env = {**os.environ, "PYTHONPATH": str(target), "YOLO_OFFLINE": "true"}
