@@ -1,0 +1,252 @@
+"""Deployment formats a CPU user exports to, run in their own runtimes and compared with PyTorch's eval outputs.
+
+Through Ultralytics' public entry point (``model.export(format=..., imgsz=64, dynamic=...)`` of a ``.pt``): ONNX
+(onnxruntime), TorchScript (``torch.jit.load``) and OpenVINO (``openvino.Core``), for RT-DETR and YOLO heads, at 64
+and, for graphs with dynamic shapes, at 96 x 96 and 64 x 96; and the bare ``revcol.FullNet`` through
+``torch.onnx.export``. Static ONNX of trained ``best.pt`` files is
+``tests/test_e2e.py::test_onnx_export_matches_pytorch``. The last tests pin down what each runtime does with an input
+size the graph cannot take (README, *Export*): a traced graph cannot run our Python ``InputError`` check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import openvino
+import pytest
+import torch
+import ultralytics
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
+from revcol_helpers import TINY_RTDETR_YAML, TINY_YOLO_YAML, randomize_
+from ultralytics import RTDETR, YOLO
+from ultralytics.utils.checks import check_version
+
+from revcol import FullNet, InputError
+
+IMGSZ = 64
+# float32 rounding only (every runtime computes in float32 here), as in test_e2e. YOLO's box rows are pixel
+# coordinates, and with randomized weights some reach the hundreds, where one float32 step is already ~6e-5: the
+# relative term (1e-5, about 80 steps) covers those; RT-DETR's outputs are in [0, 1] and meet the absolute 1e-4.
+ATOL, RTOL = 1e-4, 1e-5
+# OpenVINO's CPU plugin computes in bfloat16 by default on CPUs that have it (AMX or AVX512-BF16, as this machine),
+# which moves outputs by up to ~1 (measured): parity is only defined for its float32 mode.
+OPENVINO_F32 = {"INFERENCE_PRECISION_HINT": "f32"}
+# Before 8.4.146 RT-DETR's decoder normalised its anchors by a torch.tensor of the feature sizes, which tracing
+# freezes: a dynamic RT-DETR graph gives wrong boxes (by up to 2, measured) at any size but the export size.
+RTDETR_DYNAMIC_ANCHORS = check_version(ultralytics.__version__, ">=8.4.146")
+
+Runner = Callable[[np.ndarray], np.ndarray]
+
+
+@contextlib.contextmanager
+def no_network_or_subprocess() -> Iterator[list[str]]:
+    """Refuse (and record) every name look-up, socket connection and subprocess, such as a ``pip install``.
+
+    Ultralytics' export installs missing packages (onnxslim, openvino, ...) with pip and may look things up online;
+    with the dev extras installed and ``YOLO_OFFLINE=true`` it must do neither.
+    """
+    attempts: list[str] = []
+
+    def refuse(what: str) -> Callable[..., None]:
+        def refused(*args, **kwargs):
+            attempts.append(f"{what} {args[:2]!r:.200}")
+            raise OSError(f"{what} refused by tests/test_export.py")
+
+        return refused
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(socket, "getaddrinfo", refuse("socket.getaddrinfo"))
+        patch.setattr(socket.socket, "connect", refuse("socket.connect"))
+        patch.setattr(subprocess, "Popen", refuse("subprocess.Popen"))
+        yield attempts
+
+
+def _image(h: int, w: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def _first(output) -> torch.Tensor:
+    """The detections: Ultralytics' eval forward returns ``(y, extras)``, exported graphs only ``y``."""
+    return output[0] if isinstance(output, (list, tuple)) else output
+
+
+def _assert_matches(actual: np.ndarray, expected: np.ndarray) -> None:
+    assert actual.shape == expected.shape, f"shape {actual.shape} != {expected.shape}"
+    np.testing.assert_allclose(actual, expected, rtol=RTOL, atol=ATOL)
+
+
+def _onnx_runner(path: str) -> Runner:
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: x})[0]
+
+
+def _torchscript_runner(path: str) -> Runner:
+    module = torch.jit.load(path)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return _first(module(torch.from_numpy(x))).numpy()
+
+    return run
+
+
+def _openvino_runner(folder: str) -> Runner:
+    (xml,) = Path(folder).glob("*.xml")
+    compiled = openvino.Core().compile_model(str(xml), "CPU", OPENVINO_F32)
+    return lambda x: compiled(x)[0]
+
+
+RUNNERS = {"onnx": _onnx_runner, "torchscript": _torchscript_runner, "openvino": _openvino_runner}
+# (model, format, dynamic): what is exported once per module. Static ONNX only for the size checks (its parity is
+# test_e2e's); OpenVINO with dynamic shapes for YOLO only, as each OpenVINO export takes ~6 s here (~1 s the others).
+EXPORTS = [
+    ("rtdetr", "onnx", True),
+    ("rtdetr", "torchscript", False),
+    ("rtdetr", "torchscript", True),
+    ("rtdetr", "openvino", False),
+    ("yolo", "onnx", True),
+    ("yolo", "onnx", False),
+    ("yolo", "torchscript", False),
+    ("yolo", "torchscript", True),
+    ("yolo", "openvino", False),
+    ("yolo", "openvino", True),
+]
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> dict[str, Path]:
+    """A ``.pt`` per head, as ``Model.save`` writes it, whose backbone has random non-trivial weights.
+
+    With the paper's layer scale (1e-6) a freshly built or briefly trained backbone's ConvNeXt blocks add almost
+    nothing, and an export that got them wrong would still match; randomized weights make every block count.
+    """
+    root = tmp_path_factory.mktemp("export")
+    files = {}
+    for name, cls, yaml in (("rtdetr", RTDETR, TINY_RTDETR_YAML), ("yolo", YOLO, TINY_YOLO_YAML)):
+        (root / f"{name}.yaml").write_text(yaml)
+        model = cls(str(root / f"{name}.yaml"))
+        randomize_(model.model.model[0], seed=1)
+        files[name] = root / f"{name}.pt"
+        model.save(str(files[name]))
+    return files
+
+
+@pytest.fixture(scope="module")
+def exported(weights) -> dict[tuple[str, str, bool], Runner]:
+    """Every graph of ``EXPORTS``, exported from its ``.pt`` by Ultralytics and loaded in its runtime."""
+    runners = {}
+    with no_network_or_subprocess() as attempts:
+        for name, fmt, dynamic in EXPORTS:
+            # Each export writes next to the .pt under a name without the dynamic flag: move it aside first.
+            source = weights[name].with_name(f"{name}-{fmt}-{'dynamic' if dynamic else 'static'}.pt")
+            source.write_bytes(weights[name].read_bytes())
+            model = (RTDETR if name == "rtdetr" else YOLO)(str(source))
+            path = model.export(format=fmt, imgsz=IMGSZ, dynamic=dynamic, verbose=False)
+            runners[name, fmt, dynamic] = RUNNERS[fmt](str(path))
+    assert not attempts, f"export reached for the network or a subprocess: {attempts}"
+    return runners
+
+
+def _pytorch(weights: dict[str, Path], name: str, x: np.ndarray) -> np.ndarray:
+    model = (RTDETR if name == "rtdetr" else YOLO)(str(weights[name])).model.eval()
+    with torch.no_grad():
+        return _first(model(torch.from_numpy(x))).numpy()
+
+
+@pytest.mark.parametrize("name", ["rtdetr", "yolo"])
+@pytest.mark.parametrize(("fmt", "dynamic"), [("onnx", True), ("torchscript", False), ("openvino", False)])
+def test_export_matches_pytorch_at_export_size(exported, weights, name, fmt, dynamic):
+    x = _image(IMGSZ, IMGSZ).numpy()
+    _assert_matches(exported[name, fmt, dynamic](x), _pytorch(weights, name, x))
+
+
+def _rtdetr_dynamic(fmt: str):
+    old = pytest.mark.xfail(not RTDETR_DYNAMIC_ANCHORS, reason="Ultralytics < 8.4.146 freezes its anchors", strict=True)
+    return pytest.param("rtdetr", fmt, marks=old, id=f"rtdetr-{fmt}")
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt"),
+    [
+        _rtdetr_dynamic("onnx"),
+        _rtdetr_dynamic("torchscript"),
+        pytest.param("yolo", "onnx", id="yolo-onnx"),
+        pytest.param("yolo", "torchscript", id="yolo-torchscript"),
+        pytest.param("yolo", "openvino", id="yolo-openvino"),
+    ],
+)
+@pytest.mark.parametrize(("h", "w"), [(96, 96), (64, 96)])
+def test_dynamic_export_matches_pytorch_at_other_sizes(exported, weights, name, fmt, h, w):
+    x = _image(h, w, seed=1).numpy()
+    _assert_matches(exported[name, fmt, True](x), _pytorch(weights, name, x))
+
+
+def test_fullnet_dynamic_onnx_matches_its_four_outputs(tmp_path):
+    torch.manual_seed(0)
+    net = FullNet([8, 16, 32, 64], [1, 1, 1, 1], num_subnet=2, kernel_size=3)
+    randomize_(net)
+    net.eval()
+    path = tmp_path / "fullnet.onnx"
+    names = ["c0", "c1", "c2", "c3"]
+    axes = {"images": {0: "batch", 2: "height", 3: "width"}} | {n: {0: "batch", 2: f"h{n}", 3: f"w{n}"} for n in names}
+    torch.onnx.export(
+        net, (_image(IMGSZ, IMGSZ),), str(path), input_names=["images"], output_names=names, dynamic_axes=axes,
+        dynamo=False,
+    )  # fmt: skip
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for h, w in ((IMGSZ, IMGSZ), (96, 64)):
+        x = _image(h, w, seed=2)
+        with torch.no_grad():
+            expected = [c.numpy() for c in net(x)]
+        actual = session.run(names, {"images": x.numpy()})
+        assert [a.shape[-2:] for a in actual] == [(h // s, w // s) for s in (4, 8, 16, 32)]
+        for a, e in zip(actual, expected, strict=True):
+            _assert_matches(a, e)
+
+
+# What a graph exported at 64 does with an input it cannot take, per runtime (error type, message pattern).
+# Static graphs check their input shape; dynamic ONNX/OpenVINO and traced TorchScript fail where the backbone adds
+# a column's map to the upsampled coarser one (odd sizes: 100 -> 25 at stride 4 vs 2 * 12; 80 -> 5 at stride 16
+# vs 2 * 2), with the runtime's own message, not ours.
+WRONG_SIZE = {
+    ("onnx", False): (InvalidArgument, r"Got invalid dimensions for input: images"),
+    ("onnx", True): ((Fail, RuntimeException), r"fusion/Add.*broadcast"),  # onnxruntime 1.23 raises the latter
+    ("openvino", False): (RuntimeError, r"Can't set the input tensor"),
+    ("openvino", True): (RuntimeError, r"fusion/aten::add/Add"),
+    ("torchscript", False): (RuntimeError, r"The size of tensor a \(\d+\) must match the size of tensor b"),
+    ("torchscript", True): (RuntimeError, r"The size of tensor a \(\d+\) must match the size of tensor b"),
+}
+
+
+@pytest.mark.parametrize(("fmt", "dynamic"), list(WRONG_SIZE))
+@pytest.mark.parametrize(("h", "w"), [(96, 80), (100, 100)])
+def test_size_not_a_multiple_of_32_fails_in_every_runtime(exported, weights, fmt, dynamic, h, w):
+    x = _image(h, w).numpy()
+    with pytest.raises(InputError, match="multiples of 32"):
+        _pytorch(weights, "yolo", x)
+    error, message = WRONG_SIZE[fmt, dynamic]
+    with pytest.raises(error, match=message):
+        exported["yolo", fmt, dynamic](x)
+
+
+def test_static_torchscript_fails_at_other_multiples_of_32(exported):
+    # Without dynamic=True Ultralytics' trace keeps the head's 84 anchors of 64 x 64 (96 x 96 has 189).
+    with pytest.raises(RuntimeError, match=r"The size of tensor a \(84\) must match the size of tensor b \(189\)"):
+        exported["yolo", "torchscript", False](_image(96, 96).numpy())
+
+
+@pytest.mark.parametrize(
+    ("fmt", "dynamic"), [("onnx", True), ("openvino", True), ("torchscript", True), ("torchscript", False)]
+)
+def test_one_to_three_extra_rows_or_columns_are_ignored(exported, weights, fmt, dynamic):
+    # The stride-4 stem (kernel 4) floors 65..67 to the same 16 positions as 64: such graphs run without an error and
+    # give the result of the input cropped to 64 x 64, which eager PyTorch refuses.
+    x = _image(IMGSZ + 1, IMGSZ + 3).numpy()
+    _assert_matches(exported["yolo", fmt, dynamic](x), _pytorch(weights, "yolo", x[..., :IMGSZ, :IMGSZ]))
