@@ -8,8 +8,9 @@ made for the torch floor, so that pip does not pick a newer torchvision that nee
 
 import re
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 TORCHVISION_FOR_TORCH = {"2.6": "0.21.0", "2.7": "0.22.0", "2.8": "0.23.0", "2.9": "0.24.0", "2.10": "0.25.0"}
 
