@@ -301,6 +301,60 @@ def test_ddp_worker_imports_revcol(task, cls, tmp_path):
         file.with_suffix(".pt").unlink(missing_ok=True)
 
 
+USER_MODULE = """
+from ultralytics.models.yolo.detect import DetectionTrainer
+
+
+class PlainTrainer(DetectionTrainer):
+    \"\"\"A user's trainer in a module that never imports revcol.\"\"\"
+"""
+
+
+def test_ddp_worker_of_a_user_trainer_that_never_imports_revcol_registers_it(tmp_path, monkeypatch):
+    """The worker file itself imports revcol when the run trains a RevCol model; otherwise it is left alone."""
+    from ultralytics.utils.dist import generate_ddp_file
+
+    (tmp_path / "user_trainers.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from user_trainers import PlainTrainer
+
+    data = generate_dataset(tmp_path / "data", n_train=1, n_val=1, imgsz=IMGSZ)
+    overrides = {"data": str(data), "project": str(tmp_path / "runs")}
+    revcol_run = PlainTrainer(overrides={**overrides, "model": write_yaml(tmp_path, "detect")})
+    plain_yaml = tmp_path / "plain.yaml"
+    plain_rows = "\n".join(f"  - [-1, 1, Conv, [{c}, 3, 2]]" for c in (16, 16, 16, 32, 64))  # strides 2-32
+    plain_yaml.write_text(TINY_YOLO_YAML.replace(f"  - {TINY_BACKBONE}  # 0-4", plain_rows))
+    files = [Path(generate_ddp_file(revcol_run))]
+    try:
+        assert files[0].read_text().startswith("import revcol")
+        check = textwrap.dedent(
+            f"""
+            import runpy, sys
+            from ultralytics.engine.trainer import BaseTrainer
+
+            def report(trainer):
+                import revcol
+
+                print("worker:", type(trainer).__name__, "registered:", revcol.is_registered())
+
+            assert "revcol" not in sys.modules
+            BaseTrainer.train = report
+            runpy.run_path({str(files[0])!r}, run_name="__main__")
+            """
+        )
+        path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "YOLO_OFFLINE": "true", "PYTHONPATH": path}
+        out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "worker: PlainTrainer registered: True" in out.stdout
+        files.append(Path(generate_ddp_file(PlainTrainer(overrides={**overrides, "model": str(plain_yaml)}))))
+        assert "revcol" not in files[1].read_text()  # a model without a RevCol backbone: the file is Ultralytics' own
+    finally:
+        for file in files:
+            file.unlink(missing_ok=True)
+            file.with_suffix(".pt").unlink(missing_ok=True)
+
+
 # --- lr ratios through Ultralytics' warmup and scheduler -----------------------------------------------------------
 
 LR_LOG: list[dict] = []  # per training batch: the epoch and each group's lr, initial_lr, kind and parameter ids

@@ -107,6 +107,11 @@ def without_pretrained(d: dict) -> dict:
     return d
 
 
+def names_revcol_backbone(d: dict) -> bool:
+    """Whether model dict ``d`` has a RevCol backbone row."""
+    return any(_is_revcol_row(row) for row in d.get("backbone") or [])
+
+
 def _check_placement(backbone: list, head: list) -> None:
     """A RevCol row takes the image, so the first backbone row is the only place for it."""
     misplaced = [f"backbone row {i} {row}" for i, row in enumerate(backbone) if i and _is_revcol_row(row)]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 from collections import defaultdict
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,8 +31,9 @@ from ultralytics.models.yolo.obb import OBBTrainer
 from ultralytics.models.yolo.pose import PoseTrainer
 from ultralytics.models.yolo.segment import SegmentationTrainer
 from ultralytics.nn.tasks import yaml_model_load
+from ultralytics.utils import dist
 
-from revcol.integration import without_pretrained
+from revcol.integration import names_revcol_backbone, without_pretrained
 from revcol.lr_decay import check_lr_decay, lr_scale
 from revcol.model import ConvNextBlock, FullNet, SubNet
 
@@ -179,14 +181,44 @@ TRAINERS: dict[type, type] = {
 }
 
 
+DDP_PRELUDE = "import revcol  # noqa: F401  (added by revcol: registers the RevCol backbones in this DDP worker)\n"
+
+
+def wrap_generate_ddp_file(generate_ddp_file: Callable) -> Callable:
+    """Ultralytics' DDP worker file, made to ``import revcol`` first when the run trains a RevCol model.
+
+    A worker is a fresh interpreter that imports the trainer's module and parses the model YAML: a user's trainer
+    module need not import revcol, and a YAML path imports nothing, so without this line the backbone is unknown.
+    """
+
+    @functools.wraps(generate_ddp_file)
+    def wrapper(trainer, *args, **kwargs):
+        file = generate_ddp_file(trainer, *args, **kwargs)
+        if trains_revcol(trainer):
+            path = Path(file)
+            path.write_text(DDP_PRELUDE + path.read_text())
+        return file
+
+    return wrapper
+
+
+def trains_revcol(trainer: BaseTrainer) -> bool:
+    """Whether ``trainer``'s model (a module, or a model YAML it is about to build) has a RevCol backbone."""
+    model = getattr(trainer, "model", None)
+    if isinstance(model, (str, Path)) and str(model).endswith((".yaml", ".yml")):
+        return names_revcol_backbone(yaml_model_load(model))
+    return uses_revcol(model)
+
+
 def hooks() -> list[tuple[Any, str, Callable[[Callable], Callable]]]:
-    """``(owner, attribute, make_wrapper)`` for ``register()``: the optimizer hook and each task's model hook.
+    """``(owner, attribute, make_wrapper)`` for ``register()``: the optimizer, model and DDP-file hooks.
 
     Each task trainer defines its own ``get_model``, so that is wrapped per class; a user subclass inherits it.
     """
     return [
         (BaseTrainer, "build_optimizer", wrap_build_optimizer),
         *((cls, "get_model", wrap_get_model) for cls in TRAINERS),
+        (dist, "generate_ddp_file", wrap_generate_ddp_file),
     ]
 
 
