@@ -42,19 +42,23 @@ head:
   - [-1, 1, RepC3, [32, 0.5]]  # 22
   - [[16, 19, 22], 1, RTDETRDecoder, [nc, 32, 10, 2, 2, 1, 64]]  # 23
 """
-TINY_YOLO_YAML = f"""\
-nc: 3
-backbone:
-  - {TINY_BACKBONE}  # 0-4
-head:
+# The neck of the tiny YOLO models: P5 (layer 4) upsampled and merged with P4 (layer 3) and P3 (layer 2).
+TINY_NECK = """\
   - [-1, 1, nn.Upsample, [None, 2, 'nearest']]  # 5
   - [[-1, 3], 1, Concat, [1]]  # 6
   - [-1, 1, C2f, [32]]  # 7
   - [-1, 1, nn.Upsample, [None, 2, 'nearest']]  # 8
   - [[-1, 2], 1, Concat, [1]]  # 9
   - [-1, 1, C2f, [16]]  # 10 P3
-  - [[10, 7, 4], 1, Detect, [nc]]
 """
+
+
+def tiny_yaml(head: str, *, backbone: str = TINY_BACKBONE, neck: str = TINY_NECK, nc: int = 3, extra: str = "") -> str:
+    """A tiny YOLO-style model YAML: ``backbone`` (one row, layers 0-4), ``neck``, then the ``head`` row."""
+    return f"nc: {nc}\n{extra}backbone:\n  - {backbone}  # 0-4\nhead:\n{neck}  - {head}\n"
+
+
+TINY_YOLO_YAML = tiny_yaml("[[10, 7, 4], 1, Detect, [nc]]")
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0, alpha_magnitude: tuple[float, float] = (0.5, 1.5)) -> None:

@@ -14,6 +14,7 @@ from revcol_helpers import (
     assert_close_per_tensor,
     make_input,
     make_net,
+    randomize_,
     run_grads,
     set_alphas,
 )
@@ -99,10 +100,66 @@ def test_width_list_and_feature_info():
     assert model.width_list == [8, 16, 32, 40]
     assert [f["num_chs"] for f in model.feature_info] == [8, 16, 32, 40]
     assert [f["reduction"] for f in model.feature_info] == [4, 8, 16, 32]
-    # feature_info names modules that exist: the last column's levels
+    # feature_info names modules that exist: the last column's updates (each output comes out of one)
     names = dict(model.named_modules())
-    assert [f["module"] for f in model.feature_info] == [f"subnet2.level{level}" for level in range(4)]
+    assert [f["module"] for f in model.feature_info] == [f"subnet2.update{level}" for level in range(4)]
     assert all(f["module"] in names for f in model.feature_info)
+
+
+def _hooked_outputs(model: FullNet, x: torch.Tensor) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+    """The model's outputs, and what a forward hook on each module ``feature_info`` names saw (per call)."""
+    modules = dict(model.named_modules())
+    seen: list[list[torch.Tensor]] = [[] for _ in model.feature_info]
+    handles = [
+        modules[info["module"]].register_forward_hook(lambda m, args, out, k=k: seen[k].append(out))
+        for k, info in enumerate(model.feature_info)
+    ]
+    try:
+        outputs = model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs, seen
+
+
+@pytest.mark.parametrize(
+    ("layers", "num_subnet", "level0_from_coarsest"),
+    [((1, 1, 1, 1), 1, False), ((2, 1, 1, 1), 3, False), ((1, 2, 1, 1), 2, True)],
+)
+@pytest.mark.parametrize(("train", "save_memory"), [(False, True), (True, False), (True, True)])
+def test_feature_info_modules_output_exactly_the_returned_maps(
+    layers, num_subnet, level0_from_coarsest, train, save_memory
+):
+    """A forward hook on each module feature_info names (timm's FeatureHooks) sees exactly that output."""
+    torch.manual_seed(0)
+    model = FullNet(
+        TINY_CHANNELS,
+        layers,
+        num_subnet,
+        drop_path=0.2,
+        save_memory=save_memory,
+        level0_from_coarsest=level0_from_coarsest,
+    ).double()
+    randomize_(model)
+    model.train(train)
+    x = make_input(2, 64, 32).requires_grad_(train)
+    torch.manual_seed(1)
+    outputs, seen = _hooked_outputs(model, x)
+    for level, (output, calls) in enumerate(zip(outputs, seen, strict=True)):
+        assert len(calls) == 1, f"level {level}: hook ran {len(calls)} times"
+        assert torch.equal(calls[0], output), f"level {level}: the hooked module's output is not the returned map"
+    if train:  # the reversible backward recomputes levels, never the column updates: no hook call on the way back
+        sum(o.sum() for o in outputs).backward()
+        assert all(len(calls) == 1 for calls in seen)
+
+
+def test_feature_info_would_catch_a_module_before_the_column_update():
+    """The check above can fail: the level module itself (the old feature_info) sees a different tensor."""
+    model = make_net(num_subnet=2).eval()
+    model.feature_info = [{**info, "module": f"subnet1.level{k}"} for k, info in enumerate(model.feature_info)]
+    with torch.no_grad():
+        outputs, seen = _hooked_outputs(model, make_input())
+    assert not any(torch.equal(calls[0], output) for output, calls in zip(outputs, seen, strict=True))
 
 
 @pytest.mark.parametrize("name", list(TABLE))
@@ -120,8 +177,21 @@ def _ln_channels_first(x, weight, bias):
     return F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), weight, bias, 1e-6).permute(0, 3, 1, 2)
 
 
-def reference_forward(p: dict[str, torch.Tensor], x: torch.Tensor, layers, num_subnet, kernel_size) -> list:
-    """The network of docs/design.md in functional ops on the model's own parameters (eval mode: no drop-path)."""
+def _upsample_reference(p: dict[str, torch.Tensor], name: str, c: torch.Tensor, factor: int) -> torch.Tensor:
+    """``name`` (an up path): channels-last Linear + LayerNorm, then every pixel repeated ``factor`` x ``factor``."""
+    u = F.linear(c.permute(0, 2, 3, 1), p[f"{name}.channel_reschedule.0.weight"], p[f"{name}.channel_reschedule.0.bias"])
+    w, b = p[f"{name}.channel_reschedule.1.weight"], p[f"{name}.channel_reschedule.1.bias"]
+    u = F.layer_norm(u, (u.shape[-1],), w, b, 1e-6).permute(0, 3, 1, 2)
+    return u.repeat_interleave(factor, dim=2).repeat_interleave(factor, dim=3)
+
+
+def reference_forward(
+    p: dict[str, torch.Tensor], x: torch.Tensor, layers, num_subnet, kernel_size, level0_from_coarsest: bool = False
+) -> list:
+    """The network of docs/design.md in functional ops on the model's own parameters (eval mode: no drop-path).
+
+    ``level0_from_coarsest``: RevCol-H's wiring, level 0 also adds ``fusion.up2`` of the previous column's c3 (x8).
+    """
 
     def block(t, name):
         y = F.conv2d(
@@ -134,7 +204,7 @@ def reference_forward(p: dict[str, torch.Tensor], x: torch.Tensor, layers, num_s
         y = y * p[f"{name}.gamma"]
         return t + y.permute(0, 3, 1, 2)
 
-    def level_fn(i, level, c_down, c_up):
+    def level_fn(i, level, c_down, c_up, c_coarsest):
         prefix = f"subnet{i}.level{level}.fusion"
         if level == 0:
             out = c_down
@@ -142,10 +212,9 @@ def reference_forward(p: dict[str, torch.Tensor], x: torch.Tensor, layers, num_s
             out = F.conv2d(c_down, p[f"{prefix}.down.0.weight"], p[f"{prefix}.down.0.bias"], stride=2)
             out = _ln_channels_first(out, p[f"{prefix}.down.1.weight"], p[f"{prefix}.down.1.bias"])
         if i > 0 and level < 3:
-            r = f"{prefix}.up.channel_reschedule"
-            u = F.linear(c_up.permute(0, 2, 3, 1), p[f"{r}.0.weight"], p[f"{r}.0.bias"])
-            u = F.layer_norm(u, (u.shape[-1],), p[f"{r}.1.weight"], p[f"{r}.1.bias"], 1e-6).permute(0, 3, 1, 2)
-            out = out + u.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+            out = out + _upsample_reference(p, f"{prefix}.up", c_up, 2)
+        if i > 0 and level == 0 and level0_from_coarsest:
+            out = out + _upsample_reference(p, f"{prefix}.up2", c_coarsest, 8)
         for j in range(layers[level]):
             out = block(out, f"subnet{i}.level{level}.blocks.{j}")
         return out
@@ -158,7 +227,7 @@ def reference_forward(p: dict[str, torch.Tensor], x: torch.Tensor, layers, num_s
         for level in range(4):
             down = x if level == 0 else new[-1]
             up = c[level + 1] if level < 3 else None
-            new.append(level_fn(i, level, down, up) + p[f"subnet{i}.alpha{level}"] * c[level])
+            new.append(level_fn(i, level, down, up, c[3]) + p[f"subnet{i}.alpha{level}"] * c[level])
         c = new
     return c
 
@@ -349,8 +418,8 @@ def test_building_runs_no_forward():
 
 
 def test_unknown_variant_lists_known_names():
-    with pytest.raises(ValueError, match="revcol_huge") as info:
-        revcol.build_variant("revcol_huge")
+    with pytest.raises(ValueError, match="revcol_giant") as info:
+        revcol.build_variant("revcol_giant")
     for name in TABLE:
         assert name in str(info.value)
     with pytest.raises(ValueError, match="revcol_tiny"):

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import task_data
 import torch
-from revcol_helpers import TINY_BACKBONE, revcol_env
+from revcol_helpers import TINY_NECK, revcol_env, tiny_yaml
 from ultralytics import YOLO
 from ultralytics.nn.modules import OBB, Classify, Pose, Segment
 
@@ -26,20 +26,11 @@ from revcol.integration import RevColBackbone
 from revcol.trainers import no_decay_parameters
 
 IMGSZ = 64
-# The neck of TINY_YOLO_YAML: P5 (layer 4) upsampled and merged with P4 (7) and P3 (10).
-TINY_NECK = """\
-  - [-1, 1, nn.Upsample, [None, 2, 'nearest']]  # 5
-  - [[-1, 3], 1, Concat, [1]]  # 6
-  - [-1, 1, C2f, [32]]  # 7 P4
-  - [-1, 1, nn.Upsample, [None, 2, 'nearest']]  # 8
-  - [[-1, 2], 1, Concat, [1]]  # 9
-  - [-1, 1, C2f, [16]]  # 10 P3
-"""
 
 
-def tiny_yaml(head: str, neck: str = TINY_NECK, extra: str = "") -> str:
+def task_yaml(head: str, neck: str = TINY_NECK, extra: str = "") -> str:
     """Like the shipped configs, with 80 classes (and 17 keypoints): training takes the dataset's numbers."""
-    return f"nc: 80\n{extra}backbone:\n  - {TINY_BACKBONE}  # 0-4\nhead:\n{neck}  - {head}\n"
+    return tiny_yaml(head, neck=neck, nc=80, extra=extra)
 
 
 @dataclass(frozen=True)
@@ -56,22 +47,22 @@ class Task:
 TASKS = {
     "segment": Task(
         "segment", "yolo-revcol-seg.yaml", Segment,
-        tiny_yaml("[[10, 7, 4], 1, Segment, [nc, 8, 16]]"),
+        task_yaml("[[10, 7, 4], 1, Segment, [nc, 8, 16]]"),
         task_data.segment_dataset, "metrics/mAP50(M)", {"nc": 2},
     ),
     "pose": Task(
         "pose", "yolo-revcol-pose.yaml", Pose,
-        tiny_yaml("[[10, 7, 4], 1, Pose, [nc, kpt_shape]]", extra="kpt_shape: [17, 3]\n"),
+        task_yaml("[[10, 7, 4], 1, Pose, [nc, kpt_shape]]", extra="kpt_shape: [17, 3]\n"),
         task_data.pose_dataset, "metrics/mAP50(P)", {"nc": 1, "kpt_shape": [3, 3]},
     ),
     "obb": Task(
         "obb", "yolo-revcol-obb.yaml", OBB,
-        tiny_yaml("[[10, 7, 4], 1, OBB, [nc, 1]]"),
+        task_yaml("[[10, 7, 4], 1, OBB, [nc, 1]]"),
         task_data.obb_dataset, "metrics/mAP50(B)", {"nc": 2},
     ),
     "classify": Task(
         "classify", "yolo-revcol-cls.yaml", Classify,
-        tiny_yaml("[-1, 1, Classify, [nc]]", neck=""),
+        task_yaml("[-1, 1, Classify, [nc]]", neck=""),
         task_data.classify_dataset, "metrics/accuracy_top1", {"nc": 2},
     ),
 }  # fmt: skip

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from revcol_helpers import TINY_BACKBONE, TINY_YOLO_YAML
+from revcol_helpers import TINY_BACKBONE, TINY_YOLO_YAML, tiny_yaml
 from ultralytics import YOLO
 from ultralytics.cfg import get_cfg
 from ultralytics.models.yolo.detect import DetectionTrainer
@@ -35,18 +35,11 @@ from revcol.trainers import (
 )
 
 IMGSZ = 64
-NECK = """\
-  - [-1, 1, nn.Upsample, [None, 2, 'nearest']]  # 5
-  - [[-1, 3], 1, Concat, [1]]  # 6
-  - [-1, 1, C2f, [32]]  # 7
-  - [-1, 1, nn.Upsample, [None, 2, 'nearest']]  # 8
-  - [[-1, 2], 1, Concat, [1]]  # 9
-  - [-1, 1, C2f, [16]]  # 10 P3
-"""
 HEADS = {
-    "segment": "  - [[10, 7, 4], 1, Segment, [nc, 32, 16]]\n",
-    "pose": "  - [[10, 7, 4], 1, Pose, [nc, kpt_shape]]\n",
-    "obb": "  - [[10, 7, 4], 1, OBB, [nc, 1]]\n",
+    "detect": "[[10, 7, 4], 1, Detect, [nc]]",
+    "segment": "[[10, 7, 4], 1, Segment, [nc, 32, 16]]",
+    "pose": "[[10, 7, 4], 1, Pose, [nc, kpt_shape]]",
+    "obb": "[[10, 7, 4], 1, OBB, [nc, 1]]",
 }
 TASK_TRAINERS = {
     "detect": RevColDetectionTrainer,
@@ -59,12 +52,9 @@ TASK_TRAINERS = {
 
 def task_yaml(task: str, backbone: str = TINY_BACKBONE) -> str:
     """A tiny model YAML of ``task`` on the tiny RevCol backbone."""
-    if task == "detect":
-        return TINY_YOLO_YAML.replace(TINY_BACKBONE, backbone)
     if task == "classify":
-        return f"nc: 3\nbackbone:\n  - {backbone}  # 0-4\nhead:\n  - [4, 1, Classify, [nc]]  # 5\n"
-    extra = "kpt_shape: [3, 3]\n" if task == "pose" else ""
-    return f"nc: 3\n{extra}backbone:\n  - {backbone}  # 0-4\nhead:\n{NECK}{HEADS[task]}"
+        return tiny_yaml("[4, 1, Classify, [nc]]  # 5", backbone=backbone, neck="")
+    return tiny_yaml(HEADS[task], backbone=backbone, extra="kpt_shape: [3, 3]\n" if task == "pose" else "")
 
 
 def backbone_with(options: str) -> str:
@@ -264,17 +254,12 @@ def test_model_about_to_get_trained_weights_skips_its_pretrained_file(cls, tmp_p
     assert getattr(model, "built_by_user_trainer", False) == (cls is UserSegmentationTrainer)
 
 
-@pytest.mark.parametrize(("task", "cls"), [("segment", RevColSegmentationTrainer), ("detect", UserDetectionTrainer)])
-def test_ddp_worker_imports_revcol(task, cls, tmp_path):
-    """The file Ultralytics' DDP launcher runs rebuilds the trainer with revcol registered, in a fresh interpreter.
+def run_worker_file(file: Path, module_dir: Path) -> str:
+    """Run Ultralytics' DDP worker ``file`` in a fresh interpreter, stopping where training would begin.
 
-    A user's trainer lives in an importable module (here this one, on PYTHONPATH) as Ultralytics requires.
+    Returns what the worker printed: its trainer class and whether revcol is registered there. ``module_dir``
+    (where the trainer's module is) goes on PYTHONPATH, as it must for a real launch.
     """
-    from ultralytics.utils.dist import generate_ddp_file
-
-    data = generate_dataset(tmp_path / "data", n_train=1, n_val=1, imgsz=IMGSZ)
-    trainer = cls(overrides={"model": write_yaml(tmp_path, task), "data": str(data), "project": str(tmp_path / "runs")})
-    file = Path(generate_ddp_file(trainer))
     check = textwrap.dedent(
         f"""
         import runpy, sys
@@ -290,12 +275,26 @@ def test_ddp_worker_imports_revcol(task, cls, tmp_path):
         runpy.run_path({str(file)!r}, run_name="__main__")
         """
     )
+    path = os.pathsep.join(filter(None, [str(module_dir), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "YOLO_OFFLINE": "true", "PYTHONPATH": path}
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+@pytest.mark.parametrize(("task", "cls"), [("segment", RevColSegmentationTrainer), ("detect", UserDetectionTrainer)])
+def test_ddp_worker_imports_revcol(task, cls, tmp_path):
+    """The file Ultralytics' DDP launcher runs rebuilds the trainer with revcol registered, in a fresh interpreter.
+
+    A user's trainer lives in an importable module (here this one, on PYTHONPATH) as Ultralytics requires.
+    """
+    from ultralytics.utils.dist import generate_ddp_file
+
+    data = generate_dataset(tmp_path / "data", n_train=1, n_val=1, imgsz=IMGSZ)
+    trainer = cls(overrides={"model": write_yaml(tmp_path, task), "data": str(data), "project": str(tmp_path / "runs")})
+    file = Path(generate_ddp_file(trainer))
     try:
-        path = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
-        env = {**os.environ, "YOLO_OFFLINE": "true", "PYTHONPATH": path}
-        out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env)
-        assert out.returncode == 0, out.stderr[-3000:]
-        assert f"worker: {cls.__name__} registered: True" in out.stdout
+        assert f"worker: {cls.__name__} registered: True" in run_worker_file(file, Path(__file__).parent)
     finally:
         file.unlink(missing_ok=True)
         file.with_suffix(".pt").unlink(missing_ok=True)
@@ -323,30 +322,11 @@ def test_ddp_worker_of_a_user_trainer_that_never_imports_revcol_registers_it(tmp
     revcol_run = PlainTrainer(overrides={**overrides, "model": write_yaml(tmp_path, "detect")})
     plain_yaml = tmp_path / "plain.yaml"
     plain_rows = "\n".join(f"  - [-1, 1, Conv, [{c}, 3, 2]]" for c in (16, 16, 16, 32, 64))  # strides 2-32
-    plain_yaml.write_text(TINY_YOLO_YAML.replace(f"  - {TINY_BACKBONE}  # 0-4", plain_rows))
+    plain_yaml.write_text(TINY_YOLO_YAML.replace(f"  - {TINY_BACKBONE}  # 0-4", plain_rows))  # no RevCol
     files = [Path(generate_ddp_file(revcol_run))]
     try:
         assert files[0].read_text().startswith("import revcol")
-        check = textwrap.dedent(
-            f"""
-            import runpy, sys
-            from ultralytics.engine.trainer import BaseTrainer
-
-            def report(trainer):
-                import revcol
-
-                print("worker:", type(trainer).__name__, "registered:", revcol.is_registered())
-
-            assert "revcol" not in sys.modules
-            BaseTrainer.train = report
-            runpy.run_path({str(files[0])!r}, run_name="__main__")
-            """
-        )
-        path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
-        env = {**os.environ, "YOLO_OFFLINE": "true", "PYTHONPATH": path}
-        out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env)
-        assert out.returncode == 0, out.stderr[-3000:]
-        assert "worker: PlainTrainer registered: True" in out.stdout
+        assert "worker: PlainTrainer registered: True" in run_worker_file(files[0], tmp_path)
         files.append(Path(generate_ddp_file(PlainTrainer(overrides={**overrides, "model": str(plain_yaml)}))))
         assert "revcol" not in files[1].read_text()  # a model without a RevCol backbone: the file is Ultralytics' own
     finally:
