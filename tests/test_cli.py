@@ -55,16 +55,17 @@ def test_info_table(tmp_path):
     assert run.returncode == 0, run.stderr
     variants, published = run.stdout.split("\n\n")[:2]
     lines = {line.split()[0]: line.split() for line in variants.splitlines() if line.startswith("revcol_")}
-    assert list(lines) == ["revcol_tiny", "revcol_small", "revcol_base", "revcol_large", "revcol_xlarge"]
+    assert list(lines) == ["revcol_tiny", "revcol_small", "revcol_base", "revcol_large", "revcol_xlarge", "revcol_huge"]
     # params (M) as in the paper, and the columns
-    assert [row[4] for row in lines.values()] == ["29.9", "60.1", "138.0", "272.1", "832.0"]
+    assert [row[4] for row in lines.values()] == ["29.9", "60.1", "138.0", "272.1", "832.0", "2154.7"]
     assert lines["revcol_small"][1:4] == ["64-128-256-512", "2-2-4-2", "8"]
     assert "GFLOPs @224" in run.stdout
     # the authors' published weights, with the default of pretrained=True marked and none cached here
     rows = [line.split() for line in published.splitlines() if line.startswith("revcol_")]
     assert ["revcol_small", "in1k", "*", "revcol_small_1k.pth", "224", "83.5", "1000", "no"] in rows
     assert ["revcol_base", "in22k", "revcol_base_22k.pth", "224", "-", "21841", "no"] in rows
-    assert len(rows) == 9 and not any(row[0] == "revcol_xlarge" for row in rows)
+    assert ["revcol_huge", "megdata", "revcol_huge_megdata.pth", "224", "-", "-", "no"] in rows
+    assert len(rows) == 11 and not any(row[0] == "revcol_xlarge" for row in rows)
     # GFLOPs grow with the square of the image size
     small = revcol("info", "revcol_small", "--imgsz", "448", cwd=tmp_path)
     assert small.returncode == 0, small.stderr
@@ -115,9 +116,9 @@ def test_info_of_a_model_yaml(monkeypatch, caplog):
 
 
 def test_info_unknown_variant(capsys):
-    assert main(["info", "revcol_huge"]) == 2
+    assert main(["info", "revcol_giant"]) == 2
     err = capsys.readouterr().err
-    assert "unknown variant 'revcol_huge'" in err and "revcol_small" in err
+    assert "unknown variant 'revcol_giant'" in err and "revcol_small" in err
 
 
 @pytest.fixture(scope="module")

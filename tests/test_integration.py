@@ -235,7 +235,7 @@ def test_unsupported_ultralytics_version_is_refused(monkeypatch, version):
 @pytest.mark.parametrize(
     ("name", "args", "match"),
     [
-        ("revcol_huge", [], r"unknown RevCol backbone 'revcol_huge'.*revcol_small"),
+        ("revcol_giant", [], r"unknown RevCol backbone 'revcol_giant'.*revcol_small"),
         ("revcol_small", [{"pretrained": "x.pth", "dropout": 0.1}], r"unknown option\(s\) \['dropout'\]"),
         ("revcol_small", ["x.pth", True], r"takes \[\] or one mapping of options"),
         ("revcol_tiny", [{"drop_path": 1.5}], r"drop_path must be a number in \[0, 1\)"),

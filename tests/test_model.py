@@ -100,9 +100,9 @@ def test_width_list_and_feature_info():
     assert model.width_list == [8, 16, 32, 40]
     assert [f["num_chs"] for f in model.feature_info] == [8, 16, 32, 40]
     assert [f["reduction"] for f in model.feature_info] == [4, 8, 16, 32]
-    # feature_info names modules that exist: the last column's updates (each output comes out of one)
+    # feature_info names modules that exist: the last column's output points (see SubNet)
     names = dict(model.named_modules())
-    assert [f["module"] for f in model.feature_info] == [f"subnet2.update{level}" for level in range(4)]
+    assert [f["module"] for f in model.feature_info] == [f"subnet2.output{level}" for level in range(4)]
     assert all(f["module"] in names for f in model.feature_info)
 
 
@@ -148,15 +148,15 @@ def test_feature_info_modules_output_exactly_the_returned_maps(
     for level, (output, calls) in enumerate(zip(outputs, seen, strict=True)):
         assert len(calls) == 1, f"level {level}: hook ran {len(calls)} times"
         assert torch.equal(calls[0], output), f"level {level}: the hooked module's output is not the returned map"
-    if train:  # the reversible backward recomputes levels, never the column updates: no hook call on the way back
+    if train:  # the reversible backward recomputes the levels, not the output points: no hook call on the way back
         sum(o.sum() for o in outputs).backward()
         assert all(len(calls) == 1 for calls in seen)
 
 
 def test_feature_info_would_catch_a_module_before_the_column_update():
-    """The check above can fail: the level module itself (the old feature_info) sees a different tensor."""
+    """The check above can fail: the level modules (the old feature_info) return the maps before the update."""
     model = make_net(num_subnet=2).eval()
-    model.feature_info = [{**info, "module": f"subnet1.level{k}"} for k, info in enumerate(model.feature_info)]
+    model.feature_info = [{**i, "module": f"subnet1.level{k}"} for k, i in enumerate(model.feature_info)]
     with torch.no_grad():
         outputs, seen = _hooked_outputs(model, make_input())
     assert not any(torch.equal(calls[0], output) for output, calls in zip(outputs, seen, strict=True))
@@ -179,7 +179,9 @@ def _ln_channels_first(x, weight, bias):
 
 def _upsample_reference(p: dict[str, torch.Tensor], name: str, c: torch.Tensor, factor: int) -> torch.Tensor:
     """``name`` (an up path): channels-last Linear + LayerNorm, then every pixel repeated ``factor`` x ``factor``."""
-    u = F.linear(c.permute(0, 2, 3, 1), p[f"{name}.channel_reschedule.0.weight"], p[f"{name}.channel_reschedule.0.bias"])
+    u = F.linear(
+        c.permute(0, 2, 3, 1), p[f"{name}.channel_reschedule.0.weight"], p[f"{name}.channel_reschedule.0.bias"]
+    )
     w, b = p[f"{name}.channel_reschedule.1.weight"], p[f"{name}.channel_reschedule.1.bias"]
     u = F.layer_norm(u, (u.shape[-1],), w, b, 1e-6).permute(0, 3, 1, 2)
     return u.repeat_interleave(factor, dim=2).repeat_interleave(factor, dim=3)

@@ -49,7 +49,11 @@ EXPECTED_TABLE = {
     ("revcol_large", "in22k"): ("revcol_large_22k.pth", 224, None, 21841),
     ("revcol_large", "in22k_ft_in1k"): ("revcol_large_22k_1kft_224.pth", 224, 86.6, 1000),
     ("revcol_large", "in22k_ft_in1k_384"): ("revcol_large_22k_1kft_384.pth", 384, 87.6, 1000),
+    # RevCol-H: MegData-168M pretraining (its classes are not published), then ImageNet-1k at 640
+    ("revcol_huge", "megdata"): ("revcol_huge_megdata.pth", 224, None, None),
+    ("revcol_huge", "megdata_ft_in1k"): ("revcol_huge_megdata_in1k.pth", 640, 90.0, 1000),
 }
+MIRROR_ONLY = {"revcol_huge_megdata.pth", "revcol_huge_megdata_in1k.pth"}  # not in the GitHub release
 
 
 # --------------------------------------------------------------------------- a local weights server
@@ -211,7 +215,7 @@ def test_table_maps_each_tag_to_the_authors_file():
     for variant, tags in WEIGHTS.items():
         assert variant in revcol.VARIANTS
         assert all(e.variant == variant and e.tag == tag for tag, e in tags.items())
-    assert "revcol_xlarge" not in WEIGHTS  # no published file (RevCol-H is not a variant of this library)
+    assert "revcol_xlarge" not in WEIGHTS  # no published file
 
 
 def test_default_tags_are_the_224px_in1k_classifiers():
@@ -220,9 +224,11 @@ def test_default_tags_are_the_224px_in1k_classifiers():
         "revcol_small": "in1k",
         "revcol_base": "in22k_ft_in1k",
         "revcol_large": "in22k_ft_in1k",
+        "revcol_huge": "megdata_ft_in1k",  # its only ImageNet-1k classifier, fine-tuned at 640
     }
     for variant, tag in DEFAULT_TAGS.items():
-        assert WEIGHTS[variant][tag].resolution == 224 and WEIGHTS[variant][tag].num_classes == 1000
+        assert WEIGHTS[variant][tag].resolution == (640 if variant == "revcol_huge" else 224)
+        assert WEIGHTS[variant][tag].num_classes == 1000
 
 
 def test_urls_release_then_mirror_unless_overridden(monkeypatch):
@@ -233,6 +239,27 @@ def test_urls_release_then_mirror_unless_overridden(monkeypatch):
     assert weights.candidate_urls(entry) == ["http://127.0.0.1:1/some/mirror/revcol_base_22k_1kft_384.pth"]
     monkeypatch.delenv("REVCOL_WEIGHTS_URL")
     assert weights.candidate_urls(entry) == [entry.url, entry.mirror_url]
+
+
+def test_each_entry_has_its_source_release_then_mirror_or_mirror_only(monkeypatch):
+    monkeypatch.delenv("REVCOL_WEIGHTS_URL")
+    for entry in (e for tags in WEIGHTS.values() for e in tags.values()):
+        mirror = MIRROR + entry.filename
+        if entry.filename in MIRROR_ONLY:
+            assert not entry.in_release and weights.candidate_urls(entry) == [mirror] == [entry.url]
+        else:
+            assert entry.in_release and weights.candidate_urls(entry) == [RELEASE + entry.filename, mirror]
+
+
+def test_a_mirror_only_file_is_never_asked_of_the_release(server, checkpoint, monkeypatch):
+    """pretrained=True for revcol_huge: its default file, fetched from the mirror and nowhere else."""
+    monkeypatch.delenv("REVCOL_WEIGHTS_URL")
+    monkeypatch.setattr(weights, "PRIMARY_BASE", server.base + "/release/")
+    monkeypatch.setattr(weights, "MIRROR_BASE", server.base + "/mirror/")
+    server.files["/weights/mirror/revcol_huge_megdata_in1k.pth"] = (checkpoint[0], "ok")
+    path = resolve("revcol_huge", True)
+    assert path == cache_path(WEIGHTS["revcol_huge"]["megdata_ft_in1k"]) and path.read_bytes() == checkpoint[0]
+    assert dict(server.requests) == {"/weights/mirror/revcol_huge_megdata_in1k.pth": 1}
 
 
 def test_cache_path_follows_torch_home(tmp_path):

@@ -262,7 +262,7 @@ def weights_table(names: Sequence[str]) -> str:
             entry.filename,
             str(entry.resolution),
             "-" if entry.top1 is None else f"{entry.top1:.1f}",
-            str(entry.num_classes),
+            "-" if entry.num_classes is None else str(entry.num_classes),
             "yes" if weights.is_cached(entry) else "no",
         )
         for name in names
@@ -270,7 +270,7 @@ def weights_table(names: Sequence[str]) -> str:
     ]
     header = ("variant", "tag", "file", "resolution", "top-1", "classes", "cached")
     note = (
-        "* the default of pretrained=True. top-1: ImageNet-1k at that resolution (- for the 22k-only files).\n"
+        "* the default of pretrained=True. top-1: ImageNet-1k at that resolution; - where none is published.\n"
         f"Cache: {weights.cache_dir()} (torch's hub cache; `revcol download VARIANT [TAG]` fills it)"
     )
     return _text_table(header, rows, note) if rows else "No published weights for " + ", ".join(names) + "."

@@ -38,7 +38,7 @@ CUSTOM_NAME = "revcol"
 BACKBONE_NAMES = frozenset({CUSTOM_NAME, *VARIANTS})
 BACKBONE_LAYERS = 5  # the backbone module and one Index per level
 VARIANT_OPTIONS = frozenset({"pretrained", "save_memory", "drop_path", "kernel_size", "lr_decay"})
-CUSTOM_OPTIONS = VARIANT_OPTIONS | {"channels", "layers", "num_subnet"}
+CUSTOM_OPTIONS = VARIANT_OPTIONS | {"channels", "layers", "num_subnet", "level0_from_coarsest"}
 
 
 class RevColBackbone(FullNet):

@@ -1,7 +1,7 @@
 """RevCol network modules (the network of ``docs/design.md``, section "Network").
 
 Attribute names (``stem``, ``subnet{i}``, ``alpha{l}``, ``level{l}``, ``fusion.down``,
-``fusion.up.channel_reschedule``, ``blocks``, ``dwconv``, ``norm``, ``pwconv1``, ``pwconv2``,
+``fusion.up.channel_reschedule``, ``fusion.up2`` (RevCol-H), ``blocks``, ``dwconv``, ``norm``, ``pwconv1``, ``pwconv2``,
 ``gamma``) are fixed by the authors' ImageNet checkpoints; everything around them is ours.
 """
 
@@ -48,23 +48,28 @@ class ConvNextBlock(nn.Module):
 
 
 class UpSample(nn.Module):
-    """Channel projection of the coarser level (channels-last Linear + LayerNorm), then nearest x2."""
+    """Channel projection of a coarser level (channels-last Linear + LayerNorm), then nearest x``factor``."""
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, factor: int = 2) -> None:
         super().__init__()
+        self.factor = factor
         self.channel_reschedule = nn.Sequential(
             nn.Linear(in_channels, out_channels), LayerNorm(out_channels, eps=NORM_EPS)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.channel_reschedule(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return F.interpolate(x, scale_factor=float(self.factor), mode="nearest")
 
 
 class Fusion(nn.Module):
-    """Merges the finer level of this column (``down``) with the coarser level of the previous one (``up``)."""
+    """Merges the finer level of this column (``down``) with coarser levels of the previous one (``up``, ``up2``).
 
-    def __init__(self, level: int, channels: Sequence[int], first_column: bool) -> None:
+    ``up`` reads the previous column's next coarser level. ``up2`` exists only with ``from_coarsest``, at
+    level 0 of every column but the first: it reads the previous column's coarsest level (RevCol-H).
+    """
+
+    def __init__(self, level: int, channels: Sequence[int], first_column: bool, from_coarsest: bool = False) -> None:
         super().__init__()
         if level == 0:
             self.down: nn.Module = nn.Identity()
@@ -75,12 +80,21 @@ class Fusion(nn.Module):
             )
         has_up = not first_column and level < NUM_LEVELS - 1
         self.up = UpSample(channels[level + 1], channels[level]) if has_up else None
+        has_up2 = from_coarsest and not first_column and level == 0
+        coarsest = NUM_LEVELS - 1
+        self.up2 = UpSample(channels[coarsest], channels[0], 2**coarsest) if has_up2 else None
+        # Which of the previous column's outputs forward reads after c_down, in order.
+        self.previous_levels = (level + 1,) * has_up + (coarsest,) * has_up2
 
-    def forward(self, c_down: torch.Tensor, c_up: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, c_down: torch.Tensor, c_up: torch.Tensor | None = None, c_coarsest: torch.Tensor | None = None
+    ) -> torch.Tensor:
         out = self.down(c_down)
-        if self.up is None:
-            return out
-        return out + self.up(c_up)
+        if self.up is not None:
+            out = out + self.up(c_up)
+        if self.up2 is not None:
+            out = out + self.up2(c_coarsest)
+        return out
 
 
 class Level(nn.Module):
@@ -93,14 +107,22 @@ class Level(nn.Module):
         kernel_size: int,
         drop_path_rates: Sequence[float],
         first_column: bool,
+        from_coarsest: bool = False,
     ) -> None:
         """``drop_path_rates`` holds one rate per block, so its length is the level's depth."""
         super().__init__()
-        self.fusion = Fusion(level, channels, first_column)
+        self.fusion = Fusion(level, channels, first_column, from_coarsest)
         self.blocks = nn.Sequential(*(ConvNextBlock(channels[level], kernel_size, rate) for rate in drop_path_rates))
 
-    def forward(self, c_down: torch.Tensor, c_up: torch.Tensor | None) -> torch.Tensor:
-        return self.blocks(self.fusion(c_down, c_up))
+    @property
+    def previous_levels(self) -> tuple[int, ...]:
+        """The previous column's outputs that ``forward`` takes after ``c_down``, in order (see ``Fusion``)."""
+        return self.fusion.previous_levels
+
+    def forward(
+        self, c_down: torch.Tensor, c_up: torch.Tensor | None = None, c_coarsest: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.blocks(self.fusion(c_down, c_up, c_coarsest))
 
 
 def bounded_alpha(alpha: torch.Tensor) -> torch.Tensor:
@@ -115,7 +137,13 @@ def bounded_alpha(alpha: torch.Tensor) -> torch.Tensor:
 
 
 class SubNet(nn.Module):
-    """One column: four ``Level``s joined by the reversible update ``c_l' = L_l(c_{l-1}', c_{l+1}) + alpha_l c_l``."""
+    """One column: four ``Level``s joined by the reversible update ``c_l' = L_l(c_{l-1}', c_{l+1}) + alpha_l c_l``.
+
+    Each ``c_l'`` leaves the column through ``output{l}``, an ``nn.Identity`` (no parameters, no cost): the
+    module that ``FullNet.feature_info`` names, so a forward hook there (how timm extracts features) sees
+    exactly the returned map. The level modules return ``L_l`` before the update, and the reversible
+    backward calls them again.
+    """
 
     def __init__(
         self,
@@ -123,13 +151,17 @@ class SubNet(nn.Module):
         kernel_size: int,
         drop_path_rates: Sequence[Sequence[float]],
         first_column: bool,
+        level0_from_coarsest: bool = False,
     ) -> None:
         """``drop_path_rates[l]`` holds the rates of level ``l``'s blocks (and so its depth)."""
         super().__init__()
         self.first_column = first_column
         for level, rates in enumerate(drop_path_rates):
             self.register_parameter(f"alpha{level}", nn.Parameter(torch.full((1, channels[level], 1, 1), 0.5)))
-            self.add_module(f"level{level}", Level(level, channels, kernel_size, rates, first_column))
+            self.add_module(
+                f"level{level}", Level(level, channels, kernel_size, rates, first_column, level0_from_coarsest)
+            )
+            self.add_module(f"output{level}", nn.Identity())
 
     @property
     def levels(self) -> list[Level]:
@@ -138,6 +170,10 @@ class SubNet(nn.Module):
     @property
     def alphas(self) -> list[nn.Parameter]:
         return [getattr(self, f"alpha{level}") for level in range(NUM_LEVELS)]
+
+    @property
+    def output_modules(self) -> list[nn.Identity]:
+        return [getattr(self, f"output{level}") for level in range(NUM_LEVELS)]
 
     def forward(self, x: torch.Tensor, previous: Features | None, reversible: bool = False) -> Features:
         """Run the column on stem output ``x`` and the previous column's outputs (None for the first)."""
@@ -155,19 +191,19 @@ class SubNet(nn.Module):
     ) -> Features:
         """The column's math with plain autograd; ``before_level(l)`` runs before each level (RNG capture)."""
         outputs: Features = []
-        for level, (module, alpha) in enumerate(zip(self.levels, alphas, strict=True)):
+        for level, (module, output, alpha) in enumerate(zip(self.levels, self.output_modules, alphas, strict=True)):
             if before_level is not None:
                 before_level(level)
             c_down = x if level == 0 else outputs[-1]
-            c_up = previous[level + 1] if previous is not None and level < NUM_LEVELS - 1 else None
-            out = module(c_down, c_up)
+            # previous is None exactly for the first column, whose previous_levels are empty
+            out = module(c_down, *(previous[index] for index in module.previous_levels))
             if previous is not None:
                 out = torch.addcmul(out, alpha, previous[level])
             elif alpha.requires_grad and torch.is_grad_enabled():
                 # The first column multiplies alpha by zeros; keeping it in the graph gives it a zero
                 # gradient, which DDP(find_unused_parameters=False) needs from every parameter.
                 out = out + alpha * 0
-            outputs.append(out)
+            outputs.append(output(out))
         return outputs
 
 
@@ -207,7 +243,10 @@ class FullNet(nn.Module):
         kernel_size: int = 3,
         drop_path: float = 0.0,
         save_memory: bool = True,
+        level0_from_coarsest: bool = False,
     ) -> None:
+        """``level0_from_coarsest``: level 0 of every column but the first also reads the previous column's
+        level 3, projected and upsampled x8 (``fusion.up2``), as in the authors' RevCol-H."""
         super().__init__()
         channels = _check_int_list("channels", channels)
         layers = _check_int_list("layers", layers)
@@ -219,12 +258,16 @@ class FullNet(nn.Module):
             raise ConfigError(f"drop_path must be a number in [0, 1), got {drop_path!r}")
         if not isinstance(save_memory, (bool, np.bool_)):
             raise ConfigError(f"save_memory must be True or False, got {save_memory!r}")
+        if not isinstance(level0_from_coarsest, (bool, np.bool_)):
+            raise ConfigError(f"level0_from_coarsest must be True or False, got {level0_from_coarsest!r}")
 
         self.channels, self.layers, self.num_subnet = channels, layers, int(num_subnet)
         self.kernel_size, self.drop_path, self.save_memory = int(kernel_size), float(drop_path), bool(save_memory)
+        self.level0_from_coarsest = bool(level0_from_coarsest)
         self.width_list = list(channels)
+        # Output l leaves the last column through its output{l} (see SubNet), so a hook there sees exactly it.
         self.feature_info = [
-            {"num_chs": c, "reduction": 4 * 2**level, "module": f"subnet{num_subnet - 1}.level{level}"}
+            {"num_chs": c, "reduction": 4 * 2**level, "module": f"subnet{num_subnet - 1}.output{level}"}
             for level, c in enumerate(channels)
         ]
 
@@ -241,7 +284,8 @@ class FullNet(nn.Module):
                 nn.Conv2d(3, channels[0], kernel_size=4, stride=4), LayerNorm2d(channels[0], eps=NORM_EPS)
             )
             for index in range(num_subnet):
-                self.add_module(f"subnet{index}", SubNet(channels, kernel_size, level_rates, index == 0))
+                subnet = SubNet(channels, kernel_size, level_rates, index == 0, self.level0_from_coarsest)
+                self.add_module(f"subnet{index}", subnet)
         # Allocate on the target device (like to_empty), 4-D weights in channels-last memory format (names
         # and shapes unchanged): a channels-last stem weight makes the whole network run channels-last (see
         # forward_features), and the down convolutions then need no weight reorder on each call.

@@ -2,8 +2,9 @@
 
 Forward keeps only the column's stem input ``x``, its four outputs and the previous column's four
 outputs (which the previous column keeps as its own outputs anyway: same storage, no extra memory).
-Backward walks the levels from 3 to 0: it recomputes ``F_l = L_l(c_{l-1}', c_{l+1})`` with gradients
-on and backpropagates through ``F_l``; no level activation is kept between forward and backward.
+Backward walks the levels from 3 to 0: it recomputes ``F_l = L_l(c_{l-1}', c_{l+1})`` (level 0 also
+reads ``c_3`` with ``level0_from_coarsest``) with gradients on and backpropagates through ``F_l``; no
+level activation is kept between forward and backward.
 
 The previous column's ``c_l`` could also be recovered by the inverse ``(c_l' - F_l) / alpha_l``, but
 that is never needed here, and its rounding error is amplified by ``1 / |alpha|`` at each level it
@@ -145,12 +146,11 @@ class ReverseFunction(torch.autograd.Function):
             level_params = params[starts[level] : starts[level] + ctx.counts[level]]
             c_down = (x if level == 0 else outputs[level - 1]).detach()
             c_down.requires_grad_(level > 0 or needs_x)
-            c_up = None
-            if not ctx.first_column and level < NUM_LEVELS - 1:
-                c_up = previous[level + 1].detach().requires_grad_()
+            up_levels = levels[level].previous_levels  # empty in the first column
+            c_ups = [previous[index].detach().requires_grad_() for index in up_levels]
             replay = ctx.rng_states[level].replay() if ctx.rng_states else contextlib.nullcontext()
             with torch.enable_grad(), ctx.autocast.context(), replay, _training_mode(subnet, ctx.training):
-                f = levels[level](c_down, c_up)
+                f = levels[level](c_down, *c_ups)
 
             grad = grads[level]
             if ctx.first_column:
@@ -162,7 +162,7 @@ class ReverseFunction(torch.autograd.Function):
                     )
                     grad_previous[level] = _add(grad_previous[level], grad * alphas[level])
 
-            wrt = [t for t in (c_down, c_up) if t is not None and t.requires_grad] + list(level_params)
+            wrt = ([c_down] if c_down.requires_grad else []) + c_ups + list(level_params)
             # Nothing to differentiate when the level is frozen and its input needs no gradient.
             results = list(torch.autograd.grad(f, wrt, grad.to(f.dtype), allow_unused=True)) if wrt else []
             if c_down.requires_grad:
@@ -171,8 +171,8 @@ class ReverseFunction(torch.autograd.Function):
                     grad_x = grad_down
                 else:
                     grads[level - 1] = _add(grads[level - 1], grad_down)
-            if c_up is not None:
-                grad_previous[level + 1] = _add(grad_previous[level + 1], results.pop(0))
+            for index in up_levels:
+                grad_previous[index] = _add(grad_previous[index], results.pop(0))
             for offset, g in enumerate(results):
                 grad_params[starts[level] + offset] = g
             del f

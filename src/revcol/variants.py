@@ -1,4 +1,4 @@
-"""The five ImageNet configurations of the paper (``docs/design.md``, section "Variants"), declared as data."""
+"""The six ImageNet configurations of the paper (``docs/design.md``, section "Variants"), declared as data."""
 
 from __future__ import annotations
 
@@ -14,12 +14,13 @@ from revcol.pretrained import load_pretrained
 
 @dataclass(frozen=True)
 class VariantSpec:
-    """Channels and depths per level, number of columns and default drop-path rate of a variant."""
+    """Channels and depths per level, number of columns, default drop-path rate and wiring of a variant."""
 
     channels: tuple[int, int, int, int]
     layers: tuple[int, int, int, int]
     num_subnet: int
     drop_path: float
+    level0_from_coarsest: bool = False  # RevCol-H's extra level-3 -> level-0 branch (FullNet's option)
 
     def fullnet_kwargs(self, **overrides: Any) -> dict[str, Any]:
         """``FullNet`` keyword arguments of this variant; ``overrides`` (``None`` values ignored) take precedence."""
@@ -32,6 +33,7 @@ VARIANTS: dict[str, VariantSpec] = {
     "revcol_base": VariantSpec((72, 144, 288, 576), (1, 1, 3, 2), 16, 0.4),
     "revcol_large": VariantSpec((128, 256, 512, 1024), (1, 2, 6, 2), 8, 0.5),
     "revcol_xlarge": VariantSpec((224, 448, 896, 1792), (1, 2, 6, 2), 8, 0.5),
+    "revcol_huge": VariantSpec((360, 720, 1440, 2880), (1, 2, 6, 2), 8, 0.5, level0_from_coarsest=True),
 }
 
 
@@ -95,3 +97,11 @@ def revcol_large(**kwargs) -> FullNet:
 def revcol_xlarge(**kwargs) -> FullNet:
     """RevCol-XL: C 224-1792, D 1-2-6-2, 8 columns (832.0 M params). Keywords as ``build_variant``."""
     return build_variant("revcol_xlarge", **kwargs)
+
+
+def revcol_huge(**kwargs) -> FullNet:
+    """RevCol-H: C 360-2880, D 1-2-6-2, 8 columns, level 0 also reads level 3 (2154.7 M params).
+
+    Keywords as ``build_variant``.
+    """
+    return build_variant("revcol_huge", **kwargs)

@@ -35,13 +35,14 @@ class PublishedWeights:
     tag: str
     filename: str
     resolution: int  # input size of the training (and of the top-1 score)
-    top1: float | None  # ImageNet-1k top-1 accuracy in %; None for the ImageNet-22k-only files
-    num_classes: int  # of the classification heads in the file (not loaded into a backbone)
+    top1: float | None  # ImageNet-1k top-1 accuracy in %; None for the pretraining-only files (22k, MegData)
+    num_classes: int | None  # of the classification heads in the file (not loaded); None: not published
+    in_release: bool = True  # False: the file is only on the authors' Hugging Face mirror
 
     @property
     def url(self) -> str:
-        """The file in the authors' GitHub release."""
-        return PRIMARY_BASE + self.filename
+        """Where the file is fetched first: the authors' GitHub release, or the mirror for a file not in it."""
+        return PRIMARY_BASE + self.filename if self.in_release else self.mirror_url
 
     @property
     def mirror_url(self) -> str:
@@ -59,6 +60,11 @@ _PUBLISHED = (
     PublishedWeights("revcol_large", "in22k", "revcol_large_22k.pth", 224, None, 21841),
     PublishedWeights("revcol_large", "in22k_ft_in1k", "revcol_large_22k_1kft_224.pth", 224, 86.6, 1000),
     PublishedWeights("revcol_large", "in22k_ft_in1k_384", "revcol_large_22k_1kft_384.pth", 384, 87.6, 1000),
+    # RevCol-H: pretrained on the authors' MegData-168M (number of classes not published), fine-tuned at 640 px.
+    PublishedWeights("revcol_huge", "megdata", "revcol_huge_megdata.pth", 224, None, None, in_release=False),
+    PublishedWeights(
+        "revcol_huge", "megdata_ft_in1k", "revcol_huge_megdata_in1k.pth", 640, 90.0, 1000, in_release=False
+    ),
 )
 
 
@@ -71,12 +77,13 @@ def _by_variant(entries: tuple[PublishedWeights, ...]) -> dict[str, dict[str, Pu
 
 # variant -> tag -> file. revcol_xlarge has no published file, so no entry.
 WEIGHTS: dict[str, dict[str, PublishedWeights]] = _by_variant(_PUBLISHED)
-# What pretrained=True loads: the best 224-px ImageNet-1k classifier of each variant.
+# What pretrained=True loads: the best 224-px ImageNet-1k classifier of each variant (RevCol-H has only a 640-px one).
 DEFAULT_TAGS: dict[str, str] = {
     "revcol_tiny": "in1k",
     "revcol_small": "in1k",
     "revcol_base": "in22k_ft_in1k",
     "revcol_large": "in22k_ft_in1k",
+    "revcol_huge": "megdata_ft_in1k",
 }
 
 
@@ -100,11 +107,12 @@ def is_cached(entry: PublishedWeights) -> bool:
 
 
 def candidate_urls(entry: PublishedWeights) -> list[str]:
-    """The URLs ``download`` tries in turn: ``$REVCOL_WEIGHTS_URL`` alone if set, else the release, then the mirror."""
+    """The URLs ``download`` tries in turn: ``$REVCOL_WEIGHTS_URL`` alone if set, else the release (for a file
+    in it), then the mirror."""
     base = os.environ.get(URL_ENV)
     if base:
         return [base.rstrip("/") + "/" + entry.filename]
-    return [entry.url, entry.mirror_url]
+    return [entry.url, entry.mirror_url] if entry.in_release else [entry.mirror_url]
 
 
 def download(entry: PublishedWeights, progress: bool = True) -> Path:
