@@ -1,6 +1,7 @@
 """RevCol (Reversible Column Networks) backbones for PyTorch and Ultralytics.
 
-``import revcol`` also registers the backbones with Ultralytics (see ``revcol.register``).
+``import revcol`` also registers the backbones with Ultralytics (see ``revcol.register``) and the variants as
+timm models (``revcol.timm_models``; no network access).
 How the pieces fit together: ``docs/design.md`` in the repository.
 """
 
@@ -11,12 +12,14 @@ from revcol.errors import CheckpointError, ConfigError, InputError, RevColError
 from revcol.model import ConvNextBlock, FullNet, Fusion, Level, SubNet, UpSample
 from revcol.pretrained import LoadResult, load_pretrained
 from revcol.reversible import ReverseFunction
+from revcol.timm_models import RevColClassifier, load_classifier_weights
 from revcol.variants import (
     VARIANTS,
     VariantSpec,
     build_variant,
     load_weights,
     revcol_base,
+    revcol_huge,
     revcol_large,
     revcol_small,
     revcol_tiny,
@@ -46,6 +49,7 @@ __all__ = [
     "Level",
     "LoadResult",
     "RevColBackbone",
+    "RevColClassifier",
     "RevColError",
     "ReverseFunction",
     "SubNet",
@@ -53,10 +57,12 @@ __all__ = [
     "VariantSpec",
     "build_variant",
     "is_registered",
+    "load_classifier_weights",
     "load_pretrained",
     "load_weights",
     "register",
     "revcol_base",
+    "revcol_huge",
     "revcol_large",
     "revcol_small",
     "revcol_tiny",

@@ -1,0 +1,322 @@
+"""RevCol as timm models: the authors' ImageNet classifier on ``FullNet``, registered with timm from outside it.
+
+``import revcol`` imports this module, which registers one timm entrypoint per ``revcol.VARIANTS`` name, with a
+pretrained config per published file of ``revcol.weights.WEIGHTS``. ``timm.create_model("revcol_small",
+pretrained=True)`` loads through ``revcol.weights`` (torch's hub cache, ``REVCOL_WEIGHTS_URL``) and
+``load_classifier_weights`` (weights-only reading, strict on the backbone), never through timm's downloader.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import LayerNorm2d, SelectAdaptivePool2d, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
+from timm.models._features import feature_take_indices
+from torch import nn
+
+from revcol import lr_decay, weights
+from revcol.errors import CheckpointError, ConfigError
+from revcol.model import NORM_EPS, FullNet
+from revcol.pretrained import LoadResult, load_pretrained, read_backbone
+from revcol.variants import VARIANTS, get_variant
+
+POOL_TYPES = ("avg", "max", "avgmax", "")  # pooled width must stay C3: the norm's shape is fixed by the checkpoints
+FEATURE_CLASSES = ("getter", "hook")
+HEAD_PREFIX = "cls."
+# The 1k files trained with intermediate supervision have four heads, one per quarter of the columns; the last
+# one reads the last column, so it is the classifier of the finished network.
+LAST_SUPERVISION_HEAD = "cls_blocks.3."
+
+__all__ = ["ClassifierHead", "RevColClassifier", "create", "default_cfgs_of", "load_classifier_weights", "register"]
+
+
+class ClassifierHead(nn.Module):
+    """The authors' head: global pool, LayerNorm (eps 1e-6), Linear; ``classifier.0`` and ``classifier.1``.
+
+    The norm is channels-first so that it also applies per position when pooling is off (``global_pool=''``),
+    as timm's ConvNeXt head does; on the pooled (N, C, 1, 1) map it equals the authors' LayerNorm over C.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, pool_type: str = "avg", drop_rate: float = 0.0) -> None:
+        super().__init__()
+        _check_head(num_classes, pool_type)
+        self.in_features = in_features
+        self.num_classes = num_classes
+        self.pool_type = pool_type
+        self.global_pool = SelectAdaptivePool2d(pool_type=pool_type)
+        self.classifier = nn.Sequential(LayerNorm2d(in_features, eps=NORM_EPS), _linear(in_features, num_classes))
+        self.drop = nn.Dropout(drop_rate)
+
+    def reset(self, num_classes: int, pool_type: str | None = None) -> None:
+        """A new, freshly initialised Linear for ``num_classes`` (0: none); the norm is kept."""
+        pool_type = self.pool_type if pool_type is None else pool_type
+        _check_head(num_classes, pool_type)
+        if pool_type != self.pool_type:
+            self.global_pool = SelectAdaptivePool2d(pool_type=pool_type)
+            self.pool_type = pool_type
+        device = self.classifier[0].weight.device
+        with torch.device(device):
+            self.classifier[1] = _linear(self.in_features, num_classes)
+        self.num_classes = num_classes
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.classifier[0](self.global_pool(x))
+        if self.pool_type:
+            x = x.flatten(1)
+        x = self.drop(x)
+        return x if pre_logits else self.classifier[1](x)
+
+
+def _linear(in_features: int, num_classes: int) -> nn.Module:
+    if num_classes == 0:
+        return nn.Identity()
+    linear = nn.Linear(in_features, num_classes)
+    trunc_normal_(linear.weight, std=0.02)
+    nn.init.zeros_(linear.bias)
+    return linear
+
+
+def _check_head(num_classes: int, pool_type: str) -> None:
+    if pool_type not in POOL_TYPES:
+        raise ConfigError(f"global_pool must be one of {', '.join(map(repr, POOL_TYPES))}, got {pool_type!r}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+        raise ConfigError(f"num_classes must be an int >= 0 (0: no classifier), got {num_classes!r}")
+    if num_classes and not pool_type:
+        raise ConfigError("global_pool='' (unpooled features) needs num_classes=0; pool to classify")
+
+
+class RevColClassifier(FullNet):
+    """A ``FullNet`` with the authors' classifier ``cls`` on the last column's coarsest map, and timm's model API.
+
+    Backbone parameter names are ``FullNet``'s (``stem.*``, ``subnet*``), the head's ``cls.classifier.{0,1}.*``,
+    so the authors' files load as they are. ``forward_features`` returns that coarsest map (N, C3, H/32, W/32);
+    ``forward_intermediates`` the last column's four maps. Backbone keywords are ``FullNet``'s.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        drop_rate: float = 0.0,
+        head_init_scale: float = 1.0,
+        in_chans: int = 3,
+        **backbone: Any,
+    ) -> None:
+        if in_chans != 3:
+            raise ConfigError(f"RevCol takes RGB images: in_chans must be 3, got {in_chans!r}")
+        super().__init__(**backbone)
+        self.num_classes = num_classes
+        self.num_features = self.head_hidden_size = self.channels[-1]
+        self.drop_rate = drop_rate
+        with torch.device(self.stem[0].weight.device):
+            self.cls = ClassifierHead(self.num_features, num_classes, global_pool, drop_rate)
+        if num_classes:
+            # As the authors: scales the initial logits (fine-tuning recipes use values below 1).
+            with torch.no_grad():
+                self.cls.classifier[1].weight.mul_(head_init_scale)
+                self.cls.classifier[1].bias.mul_(head_init_scale)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last column's stride-32 map (N, C3, H/32, W/32), before the head."""
+        return super().forward_features(x)[-1]
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool, norm and (unless ``pre_logits``) classify the output of ``forward_features``."""
+        return self.cls(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """The last column's maps chosen by ``indices`` (timm's rules: an int takes the last n), and the final map.
+
+        ``norm`` changes nothing: the only final norm sits in the head, after pooling, as in timm's ConvNeXt.
+        ``stop_early`` saves nothing: every level of every column but the last feeds the last column's maps.
+        """
+        if output_fmt != "NCHW":
+            raise ConfigError(f"RevCol intermediates are NCHW only, got output_fmt={output_fmt!r}")
+        take_indices, _ = feature_take_indices(len(self.feature_info), indices)
+        features = super().forward_features(x)
+        intermediates = [features[index] for index in take_indices]
+        if intermediates_only:
+            return intermediates
+        return features[-1], intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drops the head if ``prune_head``; no backbone layer can go (see ``forward_intermediates``)."""
+        take_indices, _ = feature_take_indices(len(self.feature_info), indices)
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def get_classifier(self) -> nn.Module:
+        return self.cls.classifier[1]
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new Linear for ``num_classes`` (0: pooled features out), optionally another pooling ('' for none)."""
+        self.cls.reset(num_classes, global_pool)
+        self.num_classes = num_classes
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """RevCol's own memory saving: the reversible backward (``save_memory``); outputs and gradients are equal."""
+        self.save_memory = bool(enable)
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, str] | Callable[[str], int]:
+        """Fine: the authors' column-aware depth of each parameter (``revcol.lr_decay.layer_id``); coarse: columns."""
+        if coarse:
+            return {"stem": r"^stem", "blocks": r"^subnet(\d+)"}
+        return partial(lr_decay.layer_id, layers=self.layers, num_subnet=self.num_subnet)
+
+    def no_weight_decay(self) -> set[str]:
+        """The column alphas, which are 4-D, so timm's rule for 1-D tensors (norms, gammas, biases) misses them."""
+        return {f"subnet{i}.alpha{level}" for i in range(self.num_subnet) for level in range(len(self.channels))}
+
+
+def _backbone_view(model: RevColClassifier) -> nn.Module:
+    """A module holding the model's own stem and columns (shared, not copied), so backbone loading stays strict."""
+    view = nn.Module()
+    for name, module in model.named_children():
+        if name != "cls":
+            view.add_module(name, module)
+    return view
+
+
+def load_classifier_weights(model: RevColClassifier, path: str | os.PathLike) -> LoadResult:
+    """Load an authors' (or our) classifier file: the backbone strictly, then the head.
+
+    The head is ``cls.*``, or, in files trained with intermediate supervision, the last of the heads
+    ``cls_blocks.3.*``. Its Linear is loaded only if its class count is the model's (timm's rule: another
+    ``num_classes`` means a new classifier); a file without any head leaves the head as initialised.
+    """
+    result = load_pretrained(_backbone_view(model), path)
+    state = read_backbone(path)
+    prefix = HEAD_PREFIX if any(k.startswith(HEAD_PREFIX) for k in state) else LAST_SUPERVISION_HEAD
+    head = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    own = model.cls.state_dict()
+    usable = {k: v for k, v in head.items() if k in own and own[k].shape == v.shape}
+    norm_keys = [k for k in own if k.startswith("classifier.0.")]
+    if head and not all(k in usable for k in norm_keys):
+        raise CheckpointError(
+            f"{path}: the head under {prefix!r} does not fit a {model.num_features}-channel RevCol classifier "
+            f"(its tensors: {', '.join(f'{k} {tuple(v.shape)}' for k, v in sorted(head.items()))})"
+        )
+    model.cls.load_state_dict(usable, strict=False)
+    loaded = result.loaded + [HEAD_PREFIX + k for k in usable]
+    used = {prefix + k for k in usable}
+    return LoadResult(loaded=loaded, skipped=[k for k in result.skipped if k not in used])
+
+
+def _default_cfg(entry: weights.PublishedWeights | None) -> dict[str, Any]:
+    size = entry.resolution if entry else 224
+    return {
+        "url": entry.url if entry else "",
+        # a pretraining file whose head is not published (MegData) makes a headless model by default
+        "num_classes": 1000 if entry is None else entry.num_classes or 0,
+        "input_size": (3, size, size),
+        "min_input_size": (3, 32, 32),
+        "pool_size": (size // 32, size // 32),
+        # The authors' evaluation: resize to 256/224 of the size and centre-crop at 224; squash above 224.
+        "crop_pct": 0.875 if size <= 224 else 1.0,
+        "crop_mode": "center" if size <= 224 else "squash",
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "stem.0",
+        "classifier": "cls.classifier.1",
+        "license": "apache-2.0",
+        "paper_ids": "arXiv:2212.11696",
+        "paper_name": "Reversible Column Networks",
+        "origin_url": "https://github.com/megvii-research/RevCol",
+    }
+
+
+def default_cfgs_of(variant: str) -> dict[str, Any]:
+    """timm's pretrained configs of ``variant``: one per published file, the default tag first; one without weights."""
+    published = weights.WEIGHTS.get(variant, {})
+    default = weights.DEFAULT_TAGS.get(variant)
+    tags = sorted(published, key=lambda tag: tag != default)
+    if not tags:
+        return {variant: _default_cfg(None)}
+    return {f"{variant}.{tag}": _default_cfg(published[tag]) for tag in tags}
+
+
+def _build(variant: str, checkpoint: Path | None, drop_path_rate: float | None = None, **kwargs: Any) -> nn.Module:
+    head = {
+        k: kwargs.pop(k)
+        for k in ("num_classes", "global_pool", "drop_rate", "head_init_scale", "in_chans")
+        if k in kwargs
+    }
+    drop_path = kwargs.pop("drop_path", drop_path_rate)
+    model = RevColClassifier(**head, **get_variant(variant).fullnet_kwargs(drop_path=drop_path, **kwargs))
+    if checkpoint is not None:
+        load_classifier_weights(model, checkpoint)
+    return model
+
+
+def create(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """The timm entrypoint of every variant; ``pretrained`` loads the config's ``file``, else its tag's download."""
+    feature_cls = kwargs.get("feature_cls", "getter")
+    if kwargs.get("features_only") and not (isinstance(feature_cls, str) and feature_cls.lower() in FEATURE_CLASSES):
+        # timm's list/dict/fx extractors re-run the children one after another or trace them: a column takes
+        # the previous column's four maps, so neither fits.
+        raise ConfigError(
+            f"RevCol features_only supports feature_cls 'getter' (default) or 'hook', got {feature_cls!r}"
+        )
+    cfg = resolve_pretrained_cfg(
+        variant,
+        pretrained_cfg=kwargs.pop("pretrained_cfg", None),
+        pretrained_cfg_overlay=kwargs.pop("pretrained_cfg_overlay", None),
+    )
+    checkpoint = None
+    if pretrained:
+        checkpoint = Path(cfg.file) if cfg.file else weights.resolve(variant, cfg.tag or True)
+    # timm is told pretrained=False: the weights were loaded by _build, before any features_only wrapping.
+    return build_model_with_cfg(
+        partial(_build, variant, checkpoint),
+        variant,
+        pretrained=False,
+        pretrained_cfg=cfg,
+        feature_cfg={"feature_cls": "getter", "out_indices": (0, 1, 2, 3)},
+        **kwargs,
+    )
+
+
+default_cfgs: dict[str, Any] = {}  # timm's register_model reads this module attribute
+
+
+def register(variant: str) -> Callable[..., nn.Module]:
+    """Make ``variant`` (a ``revcol.VARIANTS`` name) a timm model, with a pretrained config per published file."""
+    get_variant(variant)
+    default_cfgs.update(generate_default_cfgs(default_cfgs_of(variant)))
+
+    def entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        return create(variant, pretrained, **kwargs)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = variant
+    entrypoint.__module__ = __name__
+    entrypoint.__doc__ = f"timm entrypoint of {variant} (see ``revcol.timm_models.create``)."
+    setattr(sys.modules[__name__], variant, entrypoint)
+    return register_model(entrypoint)
+
+
+for _name in VARIANTS:
+    register(_name)
