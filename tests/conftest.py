@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+
 import pytest
 import torch
+from revcol_helpers import WeightsServer
 
 
 @pytest.fixture
@@ -17,3 +21,16 @@ def torch_single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def server() -> Iterator[WeightsServer]:
+    """An HTTP server on 127.0.0.1 (a free port) for the test's weights files; stopped after the test."""
+    httpd = WeightsServer()
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield httpd
+    httpd.stop.set()
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(timeout=5)

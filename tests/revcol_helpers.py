@@ -1,9 +1,15 @@
-"""Shared test helpers: tiny models with non-trivial weights, gradient comparison, CLI subprocess env."""
+"""Shared test helpers: tiny models and YAMLs, gradient comparison, subprocess env, a local weights server."""
 
 from __future__ import annotations
 
+import io
 import os
+import socketserver
+import threading
+import time
+from collections import Counter
 from collections.abc import Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import torch
@@ -195,3 +201,76 @@ def revcol_env(workdir: Path) -> dict[str, str]:
         OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "2"),
     )
     return env
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Serves ``server.files[path] = (body, mode)``; modes: ok, truncate, slow, stall."""
+
+    server: WeightsServer
+    timeout = 10  # seconds, on every request socket: a confused client cannot hold a thread forever
+
+    def do_GET(self) -> None:
+        self.server.arrived(self.path)
+        if self.path not in self.server.files:
+            self.send_error(404)
+            return
+        body, mode = self.server.files[self.path]
+        if mode == "stall":  # never answers (until the test ends)
+            self.server.stop.wait(5)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if mode == "truncate":  # promise the whole body, send half of it, close
+            self.wfile.write(body[: len(body) // 2])
+        elif mode == "slow":
+            self.server.send_slowly(self.wfile, body)
+        else:
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:  # keep the test output clean
+        pass
+
+
+class WeightsServer(ThreadingHTTPServer):
+    """An HTTP server on 127.0.0.1 that counts the requests per path and how many were served at once."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.files: dict[str, tuple[bytes, str]] = {}
+        self.requests: Counter[str] = Counter()
+        self.peak = 0  # most requests in flight at the same time
+        self.gate: threading.Barrier | None = None  # set: "slow" bodies wait until that many requests arrived
+        self.stop = threading.Event()
+        self._active = 0
+        self._lock = threading.Lock()
+
+    def server_bind(self) -> None:
+        socketserver.TCPServer.server_bind(self)  # HTTPServer's version does a reverse name look-up: not needed
+        self.server_name, self.server_port = self.server_address[:2]
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.server_port}/weights"
+
+    def arrived(self, path: str) -> None:
+        with self._lock:
+            self.requests[path] += 1
+
+    def send_slowly(self, out: io.BufferedIOBase, body: bytes, chunks: int = 10) -> None:
+        with self._lock:
+            self._active += 1
+            self.peak = max(self.peak, self._active)
+        try:
+            if self.gate is not None:
+                self.gate.wait()
+            step = -(-len(body) // chunks)
+            for start in range(0, len(body), step):
+                out.write(body[start : start + step])
+                out.flush()
+                time.sleep(0.05)
+        finally:
+            with self._lock:
+                self._active -= 1

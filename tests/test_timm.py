@@ -8,10 +8,7 @@ reaches the internet.
 from __future__ import annotations
 
 import io
-import threading
 import warnings
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -19,7 +16,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from revcol_helpers import TINY_CHANNELS, randomize_
+from revcol_helpers import TINY_CHANNELS, WeightsServer, randomize_
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform, resolve_data_config
 from timm.models import FeatureInfo, get_pretrained_cfg
 from timm.optim import create_optimizer_v2
@@ -341,50 +338,8 @@ def test_head_that_does_not_fit_is_an_error(tmp_path):
 # --------------------------------------------------------------------------- pretrained=True via a local server
 
 
-class _Files(BaseHTTPRequestHandler):
-    server: _Server
-
-    def do_GET(self) -> None:
-        self.server.requests.append(self.path)
-        body = self.server.files.get(self.path)
-        if body is None:
-            self.send_error(404)
-            return
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Files)
-        self.files: dict[str, bytes] = {}
-        self.requests: list[str] = []
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/weights"
-
-
 @pytest.fixture
-def server() -> Iterator[_Server]:
-    httpd = _Server()
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(timeout=5)
-
-
-@pytest.fixture
-def fake_variant(server, tmp_path, monkeypatch) -> tuple[RevColClassifier, _Server]:
+def fake_variant(server, tmp_path, monkeypatch) -> tuple[RevColClassifier, WeightsServer]:
     """A small variant with one published file (an authors' intermediate-supervision file) on the local server."""
     monkeypatch.setitem(revcol.VARIANTS, FAKE, FAKE_SPEC)
     monkeypatch.setitem(WEIGHTS, FAKE, {"in1k": FAKE_ENTRY})
@@ -395,7 +350,7 @@ def fake_variant(server, tmp_path, monkeypatch) -> tuple[RevColClassifier, _Serv
         warnings.simplefilter("ignore")  # timm warns when a name is registered again (an earlier test)
         timm_models.register(FAKE)
     source = _fake_model()
-    server.files[f"/weights/{FAKE_ENTRY.filename}"] = _authors_file(source, "intermediate_supervision")[0]
+    server.files[f"/weights/{FAKE_ENTRY.filename}"] = (_authors_file(source, "intermediate_supervision")[0], "ok")
     return source, server
 
 
@@ -412,7 +367,7 @@ def test_pretrained_true_downloads_once_through_revcol_weights(fake_variant):
         features = timm.create_model(FAKE, pretrained=True, features_only=True, out_indices=(2, 3))
         for got, want in zip(features(x), source.forward_intermediates(x, indices=[2, 3])[1], strict=True):
             torch.testing.assert_close(got, want)
-    assert server.requests == [f"/weights/{FAKE_ENTRY.filename}"]  # the hub cache served the later ones
+    assert list(server.requests.elements()) == [f"/weights/{FAKE_ENTRY.filename}"]  # later ones: the hub cache
     assert (revcol.weights.cache_dir() / FAKE_ENTRY.filename).is_file()
 
 
@@ -422,7 +377,7 @@ def test_pretrained_file_overlay_and_errors(fake_variant, tmp_path):
     torch.save(_fake_model(seed=11).state_dict(), path)
     model = timm.create_model(FAKE, pretrained=True, pretrained_cfg_overlay={"file": str(path)}).eval()
     torch.testing.assert_close(model.state_dict(), _fake_model(seed=11).state_dict())
-    assert server.requests == []
+    assert not server.requests
     with pytest.raises(CheckpointError, match="no published weights exist for revcol_xlarge"):
         timm.create_model("revcol_xlarge", pretrained=True)
     server.files.clear()
