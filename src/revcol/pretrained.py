@@ -91,7 +91,11 @@ def load_pretrained(model: nn.Module, path: str | Path) -> LoadResult:
     ``cls.*``, a detector's neck and heads) are skipped. A detector checkpoint's backbone is read from
     under ``backbone.`` (``read_backbone``). Raises ``CheckpointError`` (a ``ValueError``) saying what did not fit.
     """
-    state = read_backbone(path)
+    return load_backbone_state(model, read_backbone(path), path)
+
+
+def load_backbone_state(model: nn.Module, state: Mapping[str, torch.Tensor], path: str | Path) -> LoadResult:
+    """``load_pretrained`` of a state dict already read from ``path`` (named in the errors)."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(k for k in state if k not in own and k.startswith(BACKBONE_PREFIXES))

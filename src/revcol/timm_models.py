@@ -25,7 +25,7 @@ from torch import nn
 from revcol import lr_decay, weights
 from revcol.errors import CheckpointError, ConfigError
 from revcol.model import NORM_EPS, FullNet
-from revcol.pretrained import LoadResult, load_pretrained, read_backbone
+from revcol.pretrained import LoadResult, load_backbone_state, read_backbone
 from revcol.variants import VARIANTS, get_variant
 
 POOL_TYPES = ("avg", "max", "avgmax", "")  # pooled width must stay C3: the norm's shape is fixed by the checkpoints
@@ -207,8 +207,8 @@ def load_classifier_weights(model: RevColClassifier, path: str | os.PathLike) ->
     ``cls_blocks.3.*``. Its Linear is loaded only if its class count is the model's (timm's rule: another
     ``num_classes`` means a new classifier); a file without any head leaves the head as initialised.
     """
-    result = load_pretrained(_backbone_view(model), path)
     state = read_backbone(path)
+    result = load_backbone_state(_backbone_view(model), state, path)
     prefix = HEAD_PREFIX if any(k.startswith(HEAD_PREFIX) for k in state) else LAST_SUPERVISION_HEAD
     head = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
     own = model.cls.state_dict()
