@@ -7,6 +7,7 @@ real training (2 epochs on 8 generated images) checks that the lr ratios survive
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -309,12 +310,30 @@ class PlainTrainer(DetectionTrainer):
 """
 
 
+def imported_modules(source: str) -> set[str]:
+    """The top-level module names that Python ``source`` imports (read from its syntax tree, not its text)."""
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
 def test_ddp_worker_of_a_user_trainer_that_never_imports_revcol_registers_it(tmp_path, monkeypatch):
-    """The worker file itself imports revcol when the run trains a RevCol model; otherwise it is left alone."""
+    """The worker file itself imports revcol when the run trains a RevCol model; otherwise it is left alone.
+
+    The user's module lives in a folder named ``revcol`` under a path with a space, as a clone of this repository
+    may: Ultralytics writes ``sys.path`` into the worker file, so the word is in both files and only what they
+    import tells them apart.
+    """
     from ultralytics.utils.dist import generate_ddp_file
 
-    (tmp_path / "user_trainers.py").write_text(USER_MODULE)
-    monkeypatch.syspath_prepend(str(tmp_path))
+    module_dir = tmp_path / "my projects" / "revcol"
+    module_dir.mkdir(parents=True)
+    (module_dir / "user_trainers.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(module_dir))
     from user_trainers import PlainTrainer
 
     data = generate_dataset(tmp_path / "data", n_train=1, n_val=1, imgsz=IMGSZ)
@@ -326,9 +345,12 @@ def test_ddp_worker_of_a_user_trainer_that_never_imports_revcol_registers_it(tmp
     files = [Path(generate_ddp_file(revcol_run))]
     try:
         assert files[0].read_text().startswith("import revcol")
-        assert "worker: PlainTrainer registered: True" in run_worker_file(files[0], tmp_path)
+        assert "worker: PlainTrainer registered: True" in run_worker_file(files[0], module_dir)
         files.append(Path(generate_ddp_file(PlainTrainer(overrides={**overrides, "model": str(plain_yaml)}))))
-        assert "revcol" not in files[1].read_text()  # a model without a RevCol backbone: the file is Ultralytics' own
+        plain_file = files[1].read_text()
+        assert str(module_dir) in plain_file  # Ultralytics embeds sys.path: the folder name is in the text
+        assert "revcol" not in imported_modules(plain_file)  # a model without a RevCol backbone: Ultralytics' file
+        assert "revcol" in imported_modules(files[0].read_text())
     finally:
         for file in files:
             file.unlink(missing_ok=True)
