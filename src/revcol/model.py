@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, LayerNorm, LayerNorm2d, calculate_drop_path_rates, trunc_normal_
+from timm.layers import DropPath, LayerNorm, LayerNorm2d, calculate_drop_path_rates
 from torch import nn
 
 from revcol.errors import ConfigError, InputError
@@ -23,6 +23,8 @@ NUM_LEVELS = 4
 ALPHA_BOUND = 1e-3
 LAYER_SCALE_INIT = 1e-6
 NORM_EPS = 1e-6
+INIT_STD = 0.02
+INIT_BOUND = 2.0  # timm's trunc_normal_ bounds are absolute values: +-2, i.e. 100 std at std 0.02
 
 Features = list[torch.Tensor]
 
@@ -207,6 +209,26 @@ class SubNet(nn.Module):
         return outputs
 
 
+def trunc_normal_(tensor: torch.Tensor, std: float, a: float, b: float) -> torch.Tensor:
+    """Fill ``tensor`` in place from N(0, std^2) truncated to ``[a, b]`` (absolute bounds, as timm's).
+
+    The distribution of timm's ``trunc_normal_``, drawn by rejection instead of through the inverse CDF: one
+    ``normal_`` pass, then the values outside ``[a, b]`` drawn again until none is left. At the paper's std 0.02
+    and bounds +-2 nothing is ever redrawn, so building a model costs one ``normal_`` pass and one ``aminmax``
+    per weight, about half of timm's ``uniform_`` + ``erfinv_`` + affine + ``clamp_`` over the same tensor.
+    """
+    if not a < 0 < b:
+        raise ValueError(f"trunc_normal_ needs a < 0 < b, got [{a}, {b}]")
+    tensor.normal_(0.0, std)
+    while tensor.numel() and not tensor.is_meta:  # a meta tensor has no values to check
+        low, high = torch.aminmax(tensor)
+        if low >= a and high <= b:
+            break
+        outside = (tensor < a) | (tensor > b)
+        tensor[outside] = tensor.new_empty(int(outside.sum())).normal_(0.0, std)
+    return tensor
+
+
 def _memory_format(tensor: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if tensor.dim() == 4 else torch.contiguous_format
 
@@ -301,7 +323,7 @@ class FullNet(nn.Module):
         """Initialise as the paper: trunc-normal(0.02) conv/linear weights, unit norms, alpha 0.5, gamma 1e-6."""
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
-                trunc_normal_(module.weight, std=0.02)
+                trunc_normal_(module.weight, INIT_STD, -INIT_BOUND, INIT_BOUND)
                 nn.init.zeros_(module.bias)
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
