@@ -225,30 +225,65 @@ def offline():
         yield
 
 
-def train(model: str, data_yaml: Path, output: Path, *, epochs: int, lr0: float, seed: int, **settings) -> Path:
-    """Train ``model`` on ``data_yaml`` into ``output/train``; returns its ``best.pt`` (``last.pt`` if there is none).
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, e.g. under ``taskset``), where the OS tells."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
+
+def training_threads(device: str, workers: int) -> int | None:
+    """Torch threads for training on the CPU with no loader workers: every core the process is given.
+
+    Ultralytics sets ``cpu_count - 1`` torch threads, leaving a core to its data-loading workers; with ``workers=0``
+    the main process loads the data itself between steps, so that core would sit idle (a 2-core machine would
+    train on one). None (keep Ultralytics' setting) on a GPU or with loader workers.
+    """
+    return available_cores() if str(device).lower() == "cpu" and workers == 0 else None
+
+
+def train(
+    model: str, data_yaml: Path, output: Path, *, epochs: int, lr0: float, seed: int, **settings
+) -> tuple[Path, int]:
+    """Train ``model`` on ``data_yaml`` into ``output/train``.
+
+    Returns its ``best.pt`` (``last.pt`` if there is none) and the number of torch threads it trained with.
     ``settings`` (imgsz, batch, device, workers) go to Ultralytics' ``train`` as they are.
     """
+    import torch
     from ultralytics import RTDETR
 
+    threads = training_threads(settings.get("device", "cpu"), settings.get("workers", 0))
+    used: list[int] = []
+
+    def set_threads(trainer) -> None:
+        # After the trainer's select_device (which sets Ultralytics' thread count), before the first batch.
+        if threads is not None:
+            torch.set_num_threads(threads)
+        used.append(torch.get_num_threads())
+
+    previous = torch.get_num_threads()
     detector = RTDETR(model)
-    detector.train(
-        data=str(data_yaml),
-        epochs=epochs,
-        optimizer="AdamW",
-        lr0=lr0,
-        warmup_epochs=min(1.0, epochs / 10),
-        seed=seed,
-        project=str(output),
-        name="train",
-        exist_ok=True,
-        plots=False,
-        **settings,
-    )
+    detector.add_callback("on_train_start", set_threads)
+    try:
+        detector.train(
+            data=str(data_yaml),
+            epochs=epochs,
+            optimizer="AdamW",
+            lr0=lr0,
+            warmup_epochs=min(1.0, epochs / 10),
+            seed=seed,
+            project=str(output),
+            name="train",
+            exist_ok=True,
+            plots=False,
+            **settings,
+        )
+    finally:
+        torch.set_num_threads(previous)
     weights = Path(detector.trainer.save_dir) / "weights"
     best = weights / "best.pt"
-    return best if best.is_file() else weights / "last.pt"
+    return (best if best.is_file() else weights / "last.pt"), used[0]
 
 
 def evaluate(weights: Path, data_yaml: Path, output: Path, **settings) -> DetMetrics:
@@ -327,6 +362,7 @@ class DemoResult:
     summary: Path
     map50: float
     map50_95: float
+    threads: int  # torch threads during training
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -377,7 +413,7 @@ def run_demo(
         data_yaml = generate_dataset(dataset, n_train, n_val, imgsz, seed, n_test=n_test)
     with offline():
         with _timed(seconds, "train"):
-            best = train(model, data_yaml, output, epochs=epochs, lr0=lr0, seed=seed, **settings)
+            best, threads = train(model, data_yaml, output, epochs=epochs, lr0=lr0, seed=seed, **settings)
         with _timed(seconds, "test"):
             metrics = evaluate(best, data_yaml, output, **settings)
         with _timed(seconds, "predict"):
@@ -395,6 +431,7 @@ def run_demo(
         summary=output / "summary.json",
         map50=float(metrics.box.map50),
         map50_95=float(metrics.box.map),
+        threads=threads,
         seconds={k: round(v, 1) for k, v in seconds.items()},
     )
     images = {"train": n_train, "val": n_val, "test": n_test}
@@ -408,6 +445,10 @@ def write_summary(result: DemoResult, **settings) -> None:
     summary = {k: str(v) if isinstance(v, Path) else v for k, v in vars(result).items()}
     summary.update(settings)
     result.summary.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def format_summary(result: DemoResult, n_test: int) -> str:
@@ -424,7 +465,8 @@ def format_summary(result: DemoResult, n_test: int) -> str:
     return "\n".join(
         [
             "",
-            f"revcol demo finished in {minutes}m{secs:02d}s",
+            f"revcol demo finished in {minutes}m{secs:02d}s (trained with {plural(result.threads, 'torch thread')}, "
+            f"{plural(available_cores(), 'CPU core')} available)",
             f"  dataset       {show(result.data_yaml)}",
             f"  training run  {show(result.train_dir)}  (results.csv, weights/best.pt, weights/last.pt)",
             f"  best weights  {show(result.best)}",
