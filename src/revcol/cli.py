@@ -56,7 +56,7 @@ Examples:
     revcol val model=runs/detect/train/weights/best.pt data=path/to/data.yaml
     revcol predict model=runs/detect/train/weights/best.pt source=path/to/images
     revcol export model=runs/detect/train/weights/best.pt format=onnx
-    revcol demo --output revcol-demo     (about 6 minutes on 2 CPU cores; `revcol demo --help` for options)
+    revcol demo --output revcol-demo     (about 2 minutes on one CPU core; `revcol demo --help` for options)
     revcol info revcol_small --imgsz 640
     revcol info rtdetr-revcol.yaml --imgsz 640
     revcol download revcol_small        (then `pretrained: true` in a YAML needs no network)
@@ -165,6 +165,9 @@ def _demo(argv: list[str]) -> int:
     parser.add_argument("--val-images", type=int, default=d["n_val"], help="(default: %(default)s)")
     parser.add_argument("--test-images", type=int, default=d["n_test"], help="(default: %(default)s)")
     parser.add_argument("--lr0", type=float, default=d["lr0"], help="initial AdamW learning rate (%(default)s)")
+    parser.add_argument(
+        "--denoising", type=int, default=d["denoising"], help="RT-DETR denoising queries in training (%(default)s)"
+    )
     parser.add_argument("--seed", type=int, default=d["seed"], help="dataset and training seed (%(default)s)")
     parser.add_argument("--workers", type=int, default=0, help="dataloader workers (default: %(default)s)")
     options = parser.parse_args(argv)
@@ -172,6 +175,8 @@ def _demo(argv: list[str]) -> int:
         parser.error(f"--imgsz must be a positive multiple of 32, got {options.imgsz}")
     if options.epochs < 1:
         parser.error(f"--epochs must be >= 1, got {options.epochs}")
+    if options.denoising < 0:
+        parser.error(f"--denoising must be >= 0, got {options.denoising}")
 
     os.environ["YOLO_OFFLINE"] = "true"  # before Ultralytics is imported: no online checks, no downloads
     from revcol.demo import run_demo
@@ -186,6 +191,7 @@ def _demo(argv: list[str]) -> int:
         n_val=options.val_images,
         n_test=options.test_images,
         lr0=options.lr0,
+        denoising=options.denoising,
         seed=options.seed,
         workers=options.workers,
     )
