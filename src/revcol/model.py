@@ -280,7 +280,7 @@ class FullNet(nn.Module):
         if not _is_int(num_subnet) or not 1 <= num_subnet <= MAX_COLUMNS:
             raise ConfigError(f"num_subnet must be an int in [1, {MAX_COLUMNS}], got {num_subnet!r}")
         if not _is_int(kernel_size) or not 1 <= kernel_size <= MAX_KERNEL or kernel_size % 2 == 0:
-            raise ConfigError(f"kernel_size must be a positive odd int, at most {MAX_KERNEL}, got {kernel_size!r}")
+            raise ConfigError(f"kernel_size must be a positive odd int, got {kernel_size!r} (at most {MAX_KERNEL})")
         if not isinstance(drop_path, numbers.Real) or isinstance(drop_path, bool) or not 0 <= drop_path < 1:
             raise ConfigError(f"drop_path must be a number in [0, 1), got {drop_path!r}")
         if not isinstance(save_memory, (bool, np.bool_)):
