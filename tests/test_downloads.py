@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -23,13 +24,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from revcol_helpers import TINY_YOLO_YAML, WeightsServer, make_net, revcol_env
+from revcol_helpers import TINY_CHANNELS, TINY_YOLO_YAML, WeightsServer, make_net, revcol_env
 
 import revcol
-from revcol import CheckpointError, load_pretrained, weights
+from revcol import CheckpointError, VariantSpec, load_pretrained, weights
 from revcol.model import parameter_count
 from revcol.pretrained import read_checkpoint
-from revcol.weights import WEIGHTS, PublishedWeights, cache_path, download
+from revcol.weights import DEFAULT_TAGS, WEIGHTS, PublishedWeights, cache_path, download
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -352,3 +353,84 @@ def test_a_yaml_row_naming_a_fifo_fails_clearly(fifo, monkeypatch):
     d["backbone"][0][3][0]["pretrained"] = str(fifo)
     error = _in_thread(lambda: DetectionModel(d, verbose=False))
     assert isinstance(error, CheckpointError) and "not a regular file" in str(error)
+
+
+# --------------------------------------------------------------------------- revcol info / download check (#19.4)
+
+
+@pytest.fixture
+def variant(monkeypatch) -> None:
+    """``revcol_test``: a small variant whose one published file is ENTRY."""
+    monkeypatch.setitem(revcol.VARIANTS, "revcol_test", VariantSpec(TINY_CHANNELS, (1, 1, 1, 1), 2, 0.1))
+    monkeypatch.setitem(WEIGHTS, "revcol_test", {"in1k": ENTRY})
+    monkeypatch.setitem(DEFAULT_TAGS, "revcol_test", "in1k")
+
+
+def _info(capsys) -> tuple[int, str, str]:
+    from revcol.cli import main
+
+    status = main(["info", "revcol_test"])
+    out, err = capsys.readouterr()
+    (row,) = [line.split() for line in out.splitlines() if ENTRY.filename in line]
+    return status, row[-1], err
+
+
+def _other_variant(body: bytes) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(make_net(num_subnet=3).state_dict(), buffer)  # three columns, not two
+    return buffer.getvalue()
+
+
+DAMAGE = {
+    "empty": (lambda body: b"", "is not a PyTorch checkpoint: .* an empty file"),
+    "truncated": (
+        lambda body: body[: len(body) // 2],
+        "is not a readable PyTorch checkpoint \\(truncated or corrupt\\)",
+    ),
+    "other_variant": (_other_variant, "does not match this RevCol configuration"),
+}
+
+
+@pytest.mark.usefixtures("variant")
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_info_and_download_check_what_they_report(damage, serve, body, cache, capsys):
+    from revcol.cli import main
+
+    make, reason = DAMAGE[damage]
+    cache.mkdir(parents=True)
+    cache_path(ENTRY).write_bytes(make(body))  # say, copied by hand and cut short
+    status, cached, err = _info(capsys)
+    assert (status, cached) == (1, "damaged")
+    assert re.search(f"{cache_path(ENTRY)} {reason}" if damage != "other_variant" else reason, err), err
+    assert "`revcol download revcol_test in1k` fetches it again" in err
+    server = serve()
+    assert main(["download", "revcol_test"]) == 0  # not "cached": fetched again, checked, then reported
+    out, err = capsys.readouterr()
+    assert out.strip() == str(cache_path(ENTRY)) and "downloading it again" in err
+    assert cache_path(ENTRY).read_bytes() == body and server.requests == {SERVED: 1}
+    assert _info(capsys)[:2] == (0, "yes")
+
+
+@pytest.mark.usefixtures("variant")
+def test_download_of_a_damaged_file_offline_fails_and_keeps_it(cache, capsys):
+    from revcol.cli import main
+
+    cache.mkdir(parents=True)
+    cache_path(ENTRY).write_bytes(b"")
+    assert main(["download", "revcol_test"]) == 1
+    err = capsys.readouterr().err
+    assert "downloading it again" in err and "could not download revcol_test_1k.pth" in err
+    assert cache_path(ENTRY).read_bytes() == b""  # nothing better arrived, so nothing was replaced
+
+
+@pytest.mark.usefixtures("variant")
+def test_info_and_download_with_a_directory_at_the_cache_path(serve, cache, capsys):
+    from revcol.cli import main
+
+    server = serve()
+    cache_path(ENTRY).mkdir(parents=True)
+    status, cached, err = _info(capsys)
+    assert (status, cached) == (1, "damaged") and f"{cache_path(ENTRY)} is a directory" in err
+    assert main(["download", "revcol_test"]) == 1
+    assert f"the weights cache has a directory at {cache_path(ENTRY)}" in capsys.readouterr().err
+    assert server.requests == {}

@@ -315,7 +315,7 @@ def weights_table(names: Sequence[str], statuses: dict | None = None) -> str:
             entry.variant,
             entry.tag,
             entry.filename,
-            entry.trained_for,
+            entry.trained_for.split(" (")[0],
             ", ".join(f"{name} {value:.1f}" for name, value in entry.scores) or "-",
             str(entry.kernel_size),
             statuses[entry][0],
