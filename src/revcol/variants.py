@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -118,10 +119,15 @@ def check_published(entry: weights.PublishedWeights, path: str | os.PathLike | N
     """``CheckpointError`` unless ``path`` (default: the cached file of ``entry``) is a readable checkpoint whose
     backbone fits ``entry``'s variant. Cheap: the model is built on the meta device and the tensors are mapped."""
     path = weights.cache_path(entry) if path is None else Path(path)
-    spec = get_variant(entry.variant)
+    expected = _meta_state(get_variant(entry.variant), entry.kernel_size)
+    check_backbone_state(expected, read_backbone(path, mmap=True), path)
+
+
+@functools.lru_cache(maxsize=16)
+def _meta_state(spec: VariantSpec, kernel_size: int) -> dict[str, torch.Tensor]:
+    """The state dict (shapes only) of ``spec`` built on the meta device; kept, as ``revcol info`` checks many files."""
     with torch.device("meta"):
-        model = FullNet(**spec.fullnet_kwargs(kernel_size=entry.kernel_size, save_memory=False))
-    check_backbone_state(model.state_dict(), read_backbone(path, mmap=True), path)
+        return FullNet(**spec.fullnet_kwargs(kernel_size=kernel_size, save_memory=False)).state_dict()
 
 
 def revcol_tiny(**kwargs) -> FullNet:

@@ -281,7 +281,9 @@ def _partial_file(target: Path) -> Iterator[tuple[Path, BinaryIO]]:
         except OSError as error:
             raise _unwritable(target.parent, error) from None
         if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            # a filesystem without locks (some network mounts) cannot lock for the sweep either, which then keeps all
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_EX)
         if _same_file(partial, fd):
             break
         # a sweep took the file between its creation and the lock: take another
