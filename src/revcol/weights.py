@@ -43,7 +43,7 @@ CHUNK_BYTES = 1 << 20
 MIN_BYTES_PER_WINDOW = 64 << 10
 # A download (one URL) must finish within DEADLINE_BASE_S + size / MIN_RATE (size: Content-Length, else the bound).
 DEADLINE_BASE_S = 120.0
-MIN_RATE = 256 << 10  # bytes per second on average
+MIN_RATE = 64 << 10  # bytes per second on average: a slower link is better served by a copy fetched by hand
 # float32, six times over: the model, an EMA copy, the two Adam moments of an optimizer state, and room to spare
 BYTES_PER_PARAMETER = 4 * 6
 SIZE_SLACK = 256 << 20
