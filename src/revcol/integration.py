@@ -31,7 +31,7 @@ from timm.layers import DropPath, LayerNorm, LayerNorm2d
 from revcol.errors import ConfigError
 from revcol.lr_decay import check_lr_decay
 from revcol.model import ConvNextBlock, FullNet, Fusion, Level, SubNet, UpSample
-from revcol.variants import VARIANTS, get_variant, load_weights
+from revcol.variants import VARIANTS, backbone_options, get_variant, load_weights
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 CUSTOM_NAME = "revcol"
@@ -51,7 +51,8 @@ class RevColBackbone(FullNet):
     """
 
     def __init__(self, name: str = "revcol_small", options: Mapping[str, Any] | None = None) -> None:
-        options = dict(options or {})
+        # what pretrained names is decided (and the kernel size it implies filled in) before anything is built
+        options = backbone_options(None if name == CUSTOM_NAME else name, options)
         allowed = CUSTOM_OPTIONS if name == CUSTOM_NAME else VARIANT_OPTIONS
         unknown = sorted(set(options) - allowed)
         if unknown:
