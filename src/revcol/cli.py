@@ -104,23 +104,18 @@ def _env_true(name: str) -> bool:
 
 def _ultralytics(args: list[str]) -> int:
     """Ultralytics' own ``yolo`` entry point on ``args``, with the RevCol backbones registered."""
-    from unittest import mock
-
     from ultralytics import cfg
-    from ultralytics.engine import model as engine_model
 
     import revcol  # noqa: F401  (registers the backbones)
-    from revcol.demo import offline
+    from revcol import hooks
 
-    # Ultralytics reads the command line from these module globals (copies of sys.argv) and recognises its
-    # CLI by the program name, e.g. `yolo predict` saves annotated results by default; so, seen from there,
-    # this is `yolo` with our arguments.
-    argv = ["yolo", *args]
+    # Ultralytics reads the command line from module globals (copies of sys.argv) and recognises its CLI by the
+    # program name, e.g. `yolo predict` saves annotated results by default: the `cli` group of revcol.hooks.HOOKS
+    # makes this, seen from there, `yolo` with our arguments.
     with contextlib.ExitStack() as stack:
-        for module in (cfg, engine_model):
-            stack.enter_context(mock.patch.object(module, "ARGV", argv))
+        stack.enter_context(hooks.applied(hooks.CLI, args=tuple(args)))
         if _env_true("YOLO_OFFLINE"):
-            stack.enter_context(offline())
+            stack.enter_context(hooks.applied(hooks.OFFLINE))
         cfg.entrypoint()
     return 0
 
