@@ -88,7 +88,7 @@ TRAIN = textwrap.dedent(
 
 def train_and_kill(tmp_path: Path, kill_save: int, kill_write: int) -> Path:
     """Train in a subprocess, SIGKILL it inside write ``kill_write`` of save ``kill_save``; returns the weights dir."""
-    data = generate_dataset(tmp_path / "data", n_train=4, n_val=2, n_test=0, imgsz=IMGSZ, seed=0)
+    data = generate_dataset(tmp_path / "data", n_train=4, n_val=2, n_test=1, imgsz=IMGSZ, seed=0)
     (tmp_path / "model.yaml").write_text(TINY_YOLO_YAML)
     signal_file = tmp_path / "inside-the-save"
     args = [str(tmp_path / "model.yaml"), str(data), str(tmp_path / "runs"), str(signal_file), kill_save, kill_write]

@@ -326,6 +326,10 @@ def test_unsupported_ultralytics_version_is_refused(monkeypatch, version):
         ("revcol_small", ["x.pth", True], r"takes \[\] or one mapping of options"),
         ("revcol_tiny", [{"drop_path": 1.5}], r"drop_path must be a number in \[0, 1\)"),
         ("revcol", [{"channels": [8, 16, 24, 32]}], r"needs channels, layers and num_subnet"),
+        ("revcol", [], r"needs channels, layers and num_subnet; missing \['channels', 'layers', 'num_subnet'\]"),
+        ("revcol", None, r"missing \['channels', 'layers', 'num_subnet'\]"),
+        ("revcol", [{}], r"missing \['channels', 'layers', 'num_subnet'\]"),
+        ("revcol", [{"layers": [1, 1, 1, 1], "num_subnet": 2}], r"missing \['channels'\] \(e\.g\. \[-1, 1, revcol"),
         ("revcol_tiny", [{"pretrained": "does/not/exist.pth"}], r"checkpoint not found"),
         ("revcol_tiny", [{"save_memory": "False"}], r"save_memory must be True or False, got 'False'"),
         ("revcol_tiny", [{"kernel_size": True}], r"kernel_size must be a positive odd int, got True"),
@@ -335,7 +339,15 @@ def test_unsupported_ultralytics_version_is_refused(monkeypatch, version):
 def test_bad_backbone_rows_fail_clearly(name, args, match):
     d = rtdetr_dict()
     d["backbone"][0] = [-1, 1, name, args]
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(revcol.RevColError, match=match):
+        tasks.RTDETRDetectionModel(d, verbose=False)
+
+
+@pytest.mark.parametrize("row", [[-1, 1, "revcol"], [-1, 1, "revcol_tiny"], [-1, 1, "revcol_tiny", [], 5]])
+def test_a_revcol_row_of_other_than_four_items_is_a_config_error(row):
+    d = rtdetr_dict()
+    d["backbone"][0] = row
+    with pytest.raises(revcol.ConfigError, match=rf"has four items.*got {len(row)}"):
         tasks.RTDETRDetectionModel(d, verbose=False)
 
 
@@ -455,3 +467,36 @@ def test_model_dict_is_not_modified_by_expansion():
     before = copy.deepcopy(d)
     model = tasks.RTDETRDetectionModel(d, verbose=False)
     assert model.yaml["backbone"] == before["backbone"]
+
+
+# sha256 (first 16 hex digits) of "name shape" per state-dict entry, and the entry count, of each shipped config as
+# built before the hook table and the YAML contract moved (the same on Ultralytics 8.4.67 and 8.4.190).
+SHIPPED_STATE = {
+    "rtdetr-revcol-cpu.yaml": ("2de7c91dc64dab2c", 389),
+    "rtdetr-revcol-demo.yaml": ("85bbdd208b8c9062", 389),
+    "rtdetr-revcol.yaml": ("98f62a84ece7cda3", 1331),
+    "yolo-revcol-cls.yaml": ("e6ebde4bb33c141a", 472),
+    "yolo-revcol-obb.yaml": ("87b666e40408e804", 711),
+    "yolo-revcol-pose.yaml": ("cb3fc9eae3fe2b8d", 711),
+    "yolo-revcol-seg.yaml": ("8b6d50c806372e65", 731),
+    "yolo-revcol.yaml": ("bfd0974f309a46af", 669),
+}
+MODEL_CLASSES = {
+    "RTDETRDecoder": tasks.RTDETRDetectionModel,
+    "Classify": tasks.ClassificationModel,
+    "Segment": tasks.SegmentationModel,
+    "Pose": tasks.PoseModel,
+    "OBB": tasks.OBBModel,
+    "Detect": tasks.DetectionModel,
+}
+
+
+@pytest.mark.parametrize("config", SHIPPED_STATE)
+def test_shipped_configs_build_the_same_models_as_before(config):
+    import hashlib
+
+    d = tasks.yaml_model_load(config)
+    model = MODEL_CLASSES[d["head"][-1][2]](d, verbose=False)
+    state = model.state_dict()
+    text = "\n".join(f"{k} {tuple(v.shape)}" for k, v in state.items())
+    assert (hashlib.sha256(text.encode()).hexdigest()[:16], len(state)) == SHIPPED_STATE[config]

@@ -49,7 +49,11 @@ Shipped model configs, loadable by bare name:
     rtdetr-revcol.yaml       RT-DETR with RevCol-S (ImageNet weights: add {pretrained: true} in a copy)
     rtdetr-revcol-cpu.yaml   RT-DETR with a small custom RevCol: trains on a CPU
     rtdetr-revcol-demo.yaml  the tiny 3-class model of `revcol demo`
+    rtdetr-revcol-p2.yaml    RT-DETR reading RevCol-T's stride-4 map too (small objects)
     yolo-revcol.yaml         YOLO detector (C2f neck, Detect head) with RevCol-T
+    yolo-revcol-p2.yaml      YOLO detector with a P2 (stride 4) level, for small objects
+    yolo-revcol-seg.yaml, -pose, -obb, -cls, -sem (semantic), -depth (ultralytics>=8.4.104): the other tasks
+    (`revcol info` lists them all)
 
 Examples:
     revcol train model=rtdetr-revcol.yaml data=path/to/data.yaml epochs=72 imgsz=640 batch=16
@@ -206,7 +210,8 @@ def _info(argv: list[str]) -> int:
     if target is not None and target not in VARIANTS:
         parser.error(f"unknown variant {target!r}; choose from {', '.join(VARIANTS)} or give a model .yaml")
     names = [target] if target else list(VARIANTS)
-    print(variant_table(names, options.imgsz), weights_table(names), sep="\n\n")
+    tables = [variant_table(names, options.imgsz), weights_table(names)]
+    print(*tables, *([] if target else [configs_table()]), sep="\n\n")
     return 0
 
 
@@ -269,6 +274,26 @@ def weights_table(names: Sequence[str]) -> str:
         f"Cache: {weights.cache_dir()} (torch's hub cache; `revcol download VARIANT [TAG]` fills it)"
     )
     return _text_table(header, rows, note) if rows else "No published weights for " + ", ".join(names) + "."
+
+
+def configs_table() -> str:
+    """A text table of the model configs shipped with revcol: their head, the layers it reads, their backbone."""
+    import yaml
+
+    from revcol.contract import CONFIG_DIR, shipped_configs
+
+    rows = []
+    for name in shipped_configs():
+        d = yaml.safe_load((CONFIG_DIR / name).read_text())
+        source, _, head, _ = d["head"][-1]
+        reads = ",".join(map(str, source)) if isinstance(source, list) else str(source)
+        rows.append((name, head, reads, d["backbone"][0][2]))
+    header = ("config", "head", "reads layers", "backbone")
+    note = (
+        "Load by bare name (e.g. YOLO('yolo-revcol-sem.yaml')); layers 1-4 are the backbone's strides 4, 8, 16, 32.\n"
+        "SemanticSegment needs ultralytics>=8.4.52, Depth ultralytics>=8.4.104."
+    )
+    return _text_table(header, rows, note)
 
 
 def _text_table(header: Sequence[str], rows: Sequence[Sequence[str]], note: str) -> str:
