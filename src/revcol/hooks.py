@@ -139,19 +139,25 @@ def resolve(path: str) -> Any:
     return obj
 
 
+def subclasses_in(cls: type, package: str) -> list[type]:
+    """``cls`` and its subclasses defined in ``package`` (imported first, so it has defined them), by name."""
+    importlib.import_module(package)
+    root = package.split(".")[0]
+    found, pending = [], [cls]
+    while pending:
+        candidate = pending.pop()
+        if candidate not in found and (candidate is cls or candidate.__module__.split(".")[0] == root):
+            found.append(candidate)
+            pending += candidate.__subclasses__()
+    return sorted(found, key=lambda c: c.__qualname__)
+
+
 def owners(hook: Hook) -> list[Any]:
     """The objects whose attribute ``hook.name`` is replaced: the owner, and with ``subclasses`` its subclasses."""
     owner = resolve(hook.owner)
-    if not hook.subclasses:
-        return [owner] if hook.optional is False or hook.name in vars(owner) else []
-    importlib.import_module(hook.subclasses)  # defines the subclasses
-    found, pending = [], [owner]
-    while pending:
-        cls = pending.pop()
-        if cls not in found and (cls is owner or cls.__module__.startswith(hook.subclasses.split(".")[0] + ".")):
-            found.append(cls)
-            pending += cls.__subclasses__()
-    return [cls for cls in sorted(found, key=lambda c: c.__qualname__) if hook.name in vars(cls)]
+    if hook.subclasses:
+        return [cls for cls in subclasses_in(owner, hook.subclasses) if hook.name in vars(cls)]
+    return [owner] if not hook.optional or hook.name in vars(owner) else []
 
 
 class _Switch:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import glob
-import importlib
 import os
 import secrets
 import threading
@@ -35,6 +34,7 @@ from ultralytics.engine.trainer import BaseTrainer
 from ultralytics.nn.tasks import yaml_model_load
 
 from revcol.contract import names_revcol_backbone, without_pretrained
+from revcol.hooks import subclasses_in
 from revcol.lr_decay import check_lr_decay, lr_scale
 from revcol.model import ConvNextBlock, FullNet, SubNet
 
@@ -152,15 +152,8 @@ class RevColTrainerMixin:
 
 
 def ultralytics_trainers() -> list[type]:
-    """Every trainer class Ultralytics defines (``BaseTrainer`` and its subclasses in ``ultralytics.*``)."""
-    importlib.import_module(TRAINER_PACKAGE)
-    found, pending = [], [BaseTrainer]
-    while pending:
-        cls = pending.pop()
-        if cls.__module__.split(".")[0] == "ultralytics" and cls not in found:
-            found.append(cls)
-            pending += cls.__subclasses__()
-    return sorted(found, key=lambda c: c.__name__)
+    """Every trainer class Ultralytics defines: ``BaseTrainer`` and its subclasses in ``ultralytics``."""
+    return subclasses_in(BaseTrainer, TRAINER_PACKAGE)
 
 
 _made: dict[type, type] = {}
