@@ -35,6 +35,7 @@ from ultralytics.nn.tasks import yaml_model_load
 
 from revcol.contract import names_revcol_backbone, without_pretrained
 from revcol.hooks import subclasses_in
+from revcol.integration import check_heads
 from revcol.lr_decay import check_lr_decay, lr_scale
 from revcol.model import ConvNextBlock, FullNet, SubNet
 
@@ -215,11 +216,23 @@ def trains_revcol(trainer: BaseTrainer) -> bool:
 
 
 def wrap_smart_load(smart_load: Callable) -> Callable:
-    """``Model._smart_load`` that answers RevCol trainers for models with a RevCol backbone."""
+    """``Model._smart_load`` that answers RevCol trainers for models with a RevCol backbone.
+
+    A RevCol model YAML whose head this Ultralytics lacks (so it guessed no task) gets the error naming the release
+    that has the head, instead of "does not support 'wrapper' mode for 'None' task".
+    """
 
     @functools.wraps(smart_load)
     def wrapper(self, key: str):
-        loaded = smart_load(self, key)
+        try:
+            loaded = smart_load(self, key)
+        except NotImplementedError:
+            cfg = getattr(self, "cfg", None)
+            if key == "model" and isinstance(cfg, (str, Path)) and str(cfg).endswith((".yaml", ".yml")):
+                d = yaml_model_load(cfg)
+                if names_revcol_backbone(d):
+                    check_heads(d)
+            raise
         if key == "trainer" and uses_revcol(getattr(self, "model", None)):
             return revcol_trainer(loaded) if _is_ultralytics_trainer(loaded) else loaded
         return loaded
