@@ -309,7 +309,7 @@ def test_onnx_export_matches_pytorch(run):
     assert len(onnx_outputs) == len(torch_outputs)
     for actual, expected in zip(onnx_outputs, torch_outputs, strict=True):
         assert actual.shape == tuple(expected.shape)
-        if run.task.name == "semantic":
+        if np.issubdtype(expected.numpy().dtype, np.integer):  # semantic's class map (8.4.67 exports the logits)
             assert actual.dtype == expected.numpy().dtype and np.mean(actual != expected.numpy()) <= 1e-3
         else:
             assert np.abs(actual - expected.numpy()).max() <= 1e-4
