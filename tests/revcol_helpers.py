@@ -204,7 +204,9 @@ def revcol_env(workdir: Path) -> dict[str, str]:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    """Serves ``server.files[path] = (body, mode)``; modes: ok, truncate, slow, stall."""
+    """Serves ``server.files[path] = (body, mode)``; modes: ok, truncate, slow, stall, and the hostile ones:
+    trickle (one byte every ``server.delay`` s), endless (zeros without Content-Length until the client
+    leaves), oversize (announces 10 TB, sends the body)."""
 
     server: WeightsServer
     timeout = 10  # seconds, on every request socket: a confused client cannot hold a thread forever
@@ -219,9 +221,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.stop.wait(5)
             return
         self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
+        if mode != "endless":
+            self.send_header("Content-Length", str(10**13 if mode == "oversize" else len(body)))
         self.end_headers()
-        if mode == "truncate":  # promise the whole body, send half of it, close
+        if mode in ("trickle", "endless"):
+            self.server.send_forever(self.wfile, body, mode)
+        elif mode == "truncate":  # promise the whole body, send half of it, close
             self.wfile.write(body[: len(body) // 2])
         elif mode == "slow":
             self.server.send_slowly(self.wfile, body)
@@ -243,6 +248,8 @@ class WeightsServer(ThreadingHTTPServer):
         self.requests: Counter[str] = Counter()
         self.peak = 0  # most requests in flight at the same time
         self.gate: threading.Barrier | None = None  # set: "slow" bodies wait until that many requests arrived
+        self.delay = 0.05  # seconds between the chunks of a "slow" body and the bytes of a "trickle"
+        self.sent: Counter[str] = Counter()  # bytes of "trickle" and "endless" bodies sent, per mode
         self.stop = threading.Event()
         self._active = 0
         self._lock = threading.Lock()
@@ -270,7 +277,22 @@ class WeightsServer(ThreadingHTTPServer):
             for start in range(0, len(body), step):
                 out.write(body[start : start + step])
                 out.flush()
-                time.sleep(0.05)
+                time.sleep(self.delay)
         finally:
             with self._lock:
                 self._active -= 1
+
+    def send_forever(self, out: io.BufferedIOBase, body: bytes, mode: str) -> None:
+        """Until the client leaves or the test ends: the body a byte at a time (trickle) or zeros (endless)."""
+        chunk = bytes(64 << 10)
+        try:
+            for index in range(len(body) if mode == "trickle" else 1 << 40):
+                data = body[index : index + 1] if mode == "trickle" else chunk
+                out.write(data)
+                out.flush()
+                with self._lock:
+                    self.sent[mode] += len(data)
+                if self.stop.wait(self.delay if mode == "trickle" else 0):
+                    return
+        except OSError:  # the client hung up
+            return

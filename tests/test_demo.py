@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,16 @@ import torch
 import yaml
 from revcol_helpers import revcol_env
 
-from revcol.demo import CLASSES, MAX_SHAPES, PICTURE_SIZE, annotate, generate_dataset, offline
+from revcol.demo import (
+    CLASSES,
+    MAX_SHAPES,
+    PICTURE_SIZE,
+    annotate,
+    available_cores,
+    generate_dataset,
+    offline,
+    training_threads,
+)
 
 REVCOL = Path(sys.executable).with_name("revcol")
 # Share of a shape's box painted in the shape's colour, per class.
@@ -150,6 +160,13 @@ def test_annotate_keeps_the_most_confident_of_overlapping_boxes_and_needs_no_fon
     assert (result.orig_img == 60).all()  # the result's own image is left as it was
 
 
+def test_training_threads_use_every_core_only_without_loader_workers():
+    assert training_threads("cpu", workers=0) == available_cores() >= 1
+    assert training_threads("CPU", workers=0) == available_cores()
+    assert training_threads("cpu", workers=2) is None  # Ultralytics leaves a core to its loader workers
+    assert training_threads("0", workers=0) is None  # a GPU: Ultralytics' setting
+
+
 def test_shortened_demo_writes_every_promised_output(tmp_path):
     out = tmp_path / "demo-out"
     command = [str(REVCOL), "demo", "--output", str(out), "--epochs", "1", "--imgsz", "64", "--batch", "4"]
@@ -176,9 +193,13 @@ def test_shortened_demo_writes_every_promised_output(tmp_path):
     assert 0.0 <= summary["map50"] <= 1.0 and 0.0 <= summary["map50_95"] <= summary["map50"]
     assert summary["best"] == str(out / "train" / "weights" / "best.pt")
     assert set(summary["seconds"]) == {"dataset", "train", "test", "predict", "total"}
+    cores = available_cores()  # the subprocess inherits this process's affinity
+    assert summary["threads"] == cores  # workers=0 on the CPU: every core trains
 
     printed = run.stdout + run.stderr
-    assert "revcol demo finished" in printed
+    assert re.search(
+        rf"revcol demo finished in \d+m\d\ds \(trained with {cores} torch threads?, {cores} CPU cores?", printed
+    )
     assert f"test mAP50 {summary['map50']:.3f}" in printed
     for path in ("dataset/data.yaml", "train/weights/best.pt", "predictions.jpg", "summary.json"):
         assert path in printed, path

@@ -72,6 +72,72 @@ def test_nothing_refers_to_files_outside_the_repository():
     assert offending == []
 
 
+# --------------------------------------------------------------------------- documentation
+
+README_MAX_LINES = 250
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def _slug(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def _anchors(page: Path) -> set[str]:
+    headings, fenced = [], False
+    for line in page.read_text().splitlines():
+        fenced ^= line.startswith("```")
+        if not fenced and line.startswith("#"):
+            headings.append(line.lstrip("#"))
+    return {_slug(h) for h in headings}
+
+
+def _local_links(page: Path) -> list[str]:
+    return [t for t in LINK.findall(page.read_text()) if not re.match(r"[a-z]+:", t)]
+
+
+def _readme_pages() -> list[Path]:
+    """The README and every page it links to."""
+    readme = ROOT / "README.md"
+    linked = {(readme.parent / t.split("#")[0]).resolve() for t in _local_links(readme) if t.split("#")[0]}
+    return [readme, *sorted(p for p in linked if p.suffix == ".md")]
+
+
+def test_readme_is_short_and_leads_with_the_two_commands():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= README_MAX_LINES
+    commands = [i for i, line in enumerate(lines) if line.startswith("python3 -m venv .venv")]
+    assert len(commands) == 2 and commands[1] < 20
+    assert "revcol demo" in lines[commands[0]] and "python -m pytest -q" in lines[commands[1]]
+    quick_starts = [line for line in lines if line.startswith("## Quick start")]
+    assert quick_starts == ["## Quick start: Ultralytics", "## Quick start: PyTorch", "## Quick start: timm"]
+
+
+def test_every_local_link_in_the_docs_resolves():
+    pages = [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]
+    broken = []
+    for page in pages:
+        for target in _local_links(page):
+            path, _, anchor = target.partition("#")
+            resolved = (page.parent / path).resolve() if path else page
+            if not resolved.exists():
+                broken.append(f"{page.name}: {target}")
+            elif anchor and resolved.suffix == ".md" and anchor not in _anchors(resolved):
+                broken.append(f"{page.name}: {target} (no such heading)")
+    assert len(pages) > 5
+    assert broken == []
+
+
+def test_every_public_name_is_documented_in_a_page_the_readme_links():
+    text = "\n".join(page.read_text() for page in _readme_pages())
+    blocks = re.findall(r"^```.*?^```", text, flags=re.S | re.M)
+    inline = re.findall(r"`([^`\n]+)`", re.sub(r"^```.*?^```", "", text, flags=re.S | re.M))
+    code = "\n".join(blocks + inline)  # a name counts where it is written as code, not in prose
+    undocumented = [name for name in revcol.__all__ if not re.search(rf"\b{name}\b", code)]
+    assert undocumented == []
+
+
 # --------------------------------------------------------------------------- deprecations
 
 

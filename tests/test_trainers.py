@@ -377,31 +377,31 @@ def imported_modules(source: str) -> set[str]:
 def test_ddp_worker_of_a_user_trainer_that_never_imports_revcol_registers_it(tmp_path, monkeypatch):
     """The worker file itself imports revcol when the run trains a RevCol model; otherwise it is left alone.
 
-    The user's module lives in a folder named ``revcol`` under a path with a space, as a clone of this repository
-    may: Ultralytics writes ``sys.path`` into the worker file, so the word is in both files and only what they
-    import tells them apart.
+    Everything lives in a folder named ``revcol`` under a path with a space, as a clone of this repository may:
+    Ultralytics writes the run's paths (and, in recent releases, ``sys.path``) into the worker file, so the word is
+    in both files and only what they import tells them apart.
     """
     from ultralytics.utils.dist import generate_ddp_file
 
-    module_dir = tmp_path / "my projects" / "revcol"
-    module_dir.mkdir(parents=True)
-    (module_dir / "user_trainers.py").write_text(USER_MODULE)
-    monkeypatch.syspath_prepend(str(module_dir))
+    root = tmp_path / "my projects" / "revcol"
+    root.mkdir(parents=True)
+    (root / "user_trainers.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(root))
     from user_trainers import PlainTrainer
 
-    data = generate_dataset(tmp_path / "data", n_train=1, n_val=1, imgsz=IMGSZ)
-    overrides = {"data": str(data), "project": str(tmp_path / "runs")}
-    revcol_run = PlainTrainer(overrides={**overrides, "model": write_yaml(tmp_path, "detect")})
-    plain_yaml = tmp_path / "plain.yaml"
+    data = generate_dataset(root / "data", n_train=1, n_val=1, imgsz=IMGSZ)
+    overrides = {"data": str(data), "project": str(root / "runs")}
+    revcol_run = PlainTrainer(overrides={**overrides, "model": write_yaml(root, "detect")})
+    plain_yaml = root / "plain.yaml"
     plain_rows = "\n".join(f"  - [-1, 1, Conv, [{c}, 3, 2]]" for c in (16, 16, 16, 32, 64))  # strides 2-32
     plain_yaml.write_text(TINY_YOLO_YAML.replace(f"  - {TINY_BACKBONE}  # 0-4", plain_rows))  # no RevCol
     files = [Path(generate_ddp_file(revcol_run))]
     try:
         assert files[0].read_text().startswith("import revcol")
-        assert "worker: PlainTrainer registered: True" in run_worker_file(files[0], module_dir)
+        assert "worker: PlainTrainer registered: True" in run_worker_file(files[0], root)
         files.append(Path(generate_ddp_file(PlainTrainer(overrides={**overrides, "model": str(plain_yaml)}))))
         plain_file = files[1].read_text()
-        assert str(module_dir) in plain_file  # Ultralytics embeds sys.path: the folder name is in the text
+        assert str(root) in plain_file  # the folder's name is in the text
         assert "revcol" not in imported_modules(plain_file)  # a model without a RevCol backbone: Ultralytics' file
         assert "revcol" in imported_modules(files[0].read_text())
     finally:

@@ -48,6 +48,19 @@ EXPECTED_TABLE = {
     # RevCol-H: MegData-168M pretraining (its classes are not published), then ImageNet-1k at 640
     ("revcol_huge", "megdata"): ("revcol_huge_megdata.pth", 224, None, None),
     ("revcol_huge", "megdata_ft_in1k"): ("revcol_huge_megdata_in1k.pth", 640, 90.0, 1000),
+    # Downstream (their Detection/README.md and Segmentation/README.md): COCO at test scale 800, ADE20K crops
+    ("revcol_tiny", "in1k_ft_coco"): ("cmr_tiny_3x_in1k_AP508.pth", 800, None, None),
+    ("revcol_small", "in1k_ft_coco"): ("cmr_revcol_small_3x_in1k.pth", 800, None, None),
+    ("revcol_base", "in1k_ft_coco"): ("cmr_base_3x_in1k.pth", 800, None, None),
+    ("revcol_base", "in22k_ft_coco"): ("cmr_base_3x_in22k_AP55.pth", 800, None, None),
+    ("revcol_large", "in22k_ft_coco"): ("cmr_large_3x_in22k_AP559.pth", 800, None, None),
+    ("revcol_tiny", "in1k_ft_ade20k"): ("upernet_revcol_tiny_fp16_512x512_160k_ade20k.pth", 512, None, None),
+    ("revcol_small", "in1k_ft_ade20k"): ("upernet_revcol_small_fp16_512x512_160k_ade20k.pth", 512, None, None),
+    ("revcol_base", "in1k_ft_ade20k"): ("upernet_revcol_base_512x512_160k_ade20k.pth", 512, None, None),
+    ("revcol_base", "in22k_ft_ade20k"): ("upernet_revcol_base_640x640_160k_ade20k.pth", 640, None, None),
+    ("revcol_large", "in22k_ft_ade20k"): ("upernet_revcol_large_fp16_640x640_160k_ade20k.pth", 640, None, None),
+    ("revcol_huge", "megdata_ft_ade20k"): ("upernet_revcol_huge_fp16_640x640_160k_ade20k.pth", 640, None, None),
+    ("revcol_huge", "megdata_k7"): ("revcol_huge_k7padded.pth", 224, None, None),
 }
 MIRROR_ONLY = {"revcol_huge_megdata.pth", "revcol_huge_megdata_in1k.pth"}  # not in the GitHub release
 
@@ -154,7 +167,8 @@ def test_urls_release_then_mirror_unless_overridden(monkeypatch):
 
 def test_each_entry_has_its_source_release_then_mirror_or_mirror_only(monkeypatch):
     monkeypatch.delenv("REVCOL_WEIGHTS_URL")
-    for entry in (e for tags in WEIGHTS.values() for e in tags.values()):
+    # the downstream files (mirror-only too, in other folders): tests/test_downstream_weights.py
+    for entry in (e for tags in WEIGHTS.values() for e in tags.values() if not e.is_downstream):
         mirror = MIRROR + entry.filename
         if entry.filename in MIRROR_ONLY:
             assert not entry.in_release and weights.candidate_urls(entry) == [mirror] == [entry.url]

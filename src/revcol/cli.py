@@ -60,7 +60,7 @@ Examples:
     revcol val model=runs/detect/train/weights/best.pt data=path/to/data.yaml
     revcol predict model=runs/detect/train/weights/best.pt source=path/to/images
     revcol export model=runs/detect/train/weights/best.pt format=onnx
-    revcol demo --output revcol-demo     (about 6 minutes on 2 CPU cores; `revcol demo --help` for options)
+    revcol demo --output revcol-demo     (about 2 minutes on one CPU core; `revcol demo --help` for options)
     revcol info revcol_small --imgsz 640
     revcol info rtdetr-revcol.yaml --imgsz 640
     revcol download revcol_small        (then `pretrained: true` in a YAML needs no network)
@@ -164,6 +164,9 @@ def _demo(argv: list[str]) -> int:
     parser.add_argument("--val-images", type=int, default=d["n_val"], help="(default: %(default)s)")
     parser.add_argument("--test-images", type=int, default=d["n_test"], help="(default: %(default)s)")
     parser.add_argument("--lr0", type=float, default=d["lr0"], help="initial AdamW learning rate (%(default)s)")
+    parser.add_argument(
+        "--denoising", type=int, default=d["denoising"], help="RT-DETR denoising queries in training (%(default)s)"
+    )
     parser.add_argument("--seed", type=int, default=d["seed"], help="dataset and training seed (%(default)s)")
     parser.add_argument("--workers", type=int, default=0, help="dataloader workers (default: %(default)s)")
     options = parser.parse_args(argv)
@@ -171,6 +174,8 @@ def _demo(argv: list[str]) -> int:
         parser.error(f"--imgsz must be a positive multiple of 32, got {options.imgsz}")
     if options.epochs < 1:
         parser.error(f"--epochs must be >= 1, got {options.epochs}")
+    if options.denoising < 0:
+        parser.error(f"--denoising must be >= 0, got {options.denoising}")
 
     os.environ["YOLO_OFFLINE"] = "true"  # before Ultralytics is imported: no online checks, no downloads
     from revcol.demo import run_demo
@@ -185,6 +190,7 @@ def _demo(argv: list[str]) -> int:
         n_val=options.val_images,
         n_test=options.test_images,
         lr0=options.lr0,
+        denoising=options.denoising,
         seed=options.seed,
         workers=options.workers,
     )
@@ -210,14 +216,18 @@ def _info(argv: list[str]) -> int:
     if target is not None and target not in VARIANTS:
         parser.error(f"unknown variant {target!r}; choose from {', '.join(VARIANTS)} or give a model .yaml")
     names = [target] if target else list(VARIANTS)
-    tables = [variant_table(names, options.imgsz), weights_table(names)]
+    statuses = {entry: cache_status(entry) for name in names for entry in _published_of(name)}
+    tables = [variant_table(names, options.imgsz), weights_table(names, statuses)]
     print(*tables, *([] if target else [configs_table()]), sep="\n\n")
-    return 0
+    damaged = [(entry, problem) for entry, (state, problem) in statuses.items() if problem]
+    for entry, problem in damaged:
+        print(f"revcol: {problem}\n  `revcol download {entry.variant} {entry.tag}` fetches it again", file=sys.stderr)
+    return 1 if damaged else 0
 
 
 def _download(argv: list[str]) -> int:
     from revcol import weights
-    from revcol.variants import VARIANTS
+    from revcol.variants import VARIANTS, check_published
 
     parser = _Parser(
         prog="revcol download",
@@ -232,8 +242,35 @@ def _download(argv: list[str]) -> int:
     tags = weights.WEIGHTS.get(options.variant, {})
     if options.tag is not None and options.tag not in tags:
         parser.error(f"{options.variant} has no published weights tagged {options.tag!r}; tags: {', '.join(tags)}")
-    print(weights.resolve(options.variant, options.tag or True))
+    entry = weights.named_entry(options.variant, options.tag or True)
+    state, problem = cache_status(entry)
+    if problem and state == "damaged":
+        print(f"revcol: {problem}\n  downloading it again", file=sys.stderr)
+    path = weights.download(entry, replace=state == "damaged")
+    check_published(entry)  # what is reported is a checkpoint that loads into the variant
+    print(path)
     return 0
+
+
+def _published_of(name: str) -> list:
+    from revcol import weights
+
+    return list(weights.WEIGHTS.get(name, {}).values())
+
+
+def cache_status(entry) -> tuple[str, str | None]:
+    """("yes", None) for a cached checkpoint that loads into ``entry``'s variant, ("no", None) when nothing is
+    cached, ("damaged", why) for a file (or anything else) under its name that does not."""
+    from revcol import weights
+    from revcol.variants import check_published
+
+    if not os.path.lexists(weights.cache_path(entry)):
+        return "no", None
+    try:
+        check_published(entry)
+    except RevColError as error:
+        return "damaged", str(error)
+    return "yes", None
 
 
 def variant_table(names: Sequence[str], imgsz: int) -> str:
@@ -251,10 +288,15 @@ def variant_table(names: Sequence[str], imgsz: int) -> str:
     return _text_table(header, rows, note)
 
 
-def weights_table(names: Sequence[str]) -> str:
-    """A text table of the authors' published weights of the variants ``names``, and whether each is cached."""
+def weights_table(names: Sequence[str], statuses: dict | None = None) -> str:
+    """Text tables of the authors' published weights of the variants ``names`` (ImageNet, then the backbones of
+    their COCO and ADE20K models), and whether each is cached (checked: a file that does not load is "damaged")."""
     from revcol import weights
 
+    entries = [entry for name in names for entry in weights.WEIGHTS.get(name, {}).values()]
+    if not entries:
+        return "No published weights for " + ", ".join(names) + "."
+    statuses = statuses if statuses is not None else {entry: cache_status(entry) for entry in entries}
     rows = [
         (
             entry.variant,
@@ -263,17 +305,35 @@ def weights_table(names: Sequence[str]) -> str:
             str(entry.resolution),
             "-" if entry.top1 is None else f"{entry.top1:.1f}",
             "-" if entry.num_classes is None else str(entry.num_classes),
-            "yes" if weights.is_cached(entry) else "no",
+            statuses[entry][0],
         )
-        for name in names
-        for entry in weights.WEIGHTS.get(name, {}).values()
+        for entry in entries
+        if not entry.is_downstream
     ]
     header = ("variant", "tag", "file", "resolution", "top-1", "classes", "cached")
     note = (
         "* the default of pretrained=True. top-1: ImageNet-1k at that resolution; - where none is published.\n"
         f"Cache: {weights.cache_dir()} (torch's hub cache; `revcol download VARIANT [TAG]` fills it)"
     )
-    return _text_table(header, rows, note) if rows else "No published weights for " + ", ".join(names) + "."
+    tables = [_text_table(header, rows, note)] if rows else []
+    downstream = [
+        (
+            entry.variant,
+            entry.tag,
+            entry.filename,
+            entry.trained_for.split(" (")[0],
+            ", ".join(f"{name} {value:.1f}" for name, value in entry.scores) or "-",
+            str(entry.kernel_size),
+            statuses[entry][0],
+        )
+        for entry in entries
+        if entry.is_downstream
+    ]
+    if downstream:
+        header = ("variant", "tag", "file", "trained for", "published results", "kernel", "cached")
+        note = "The backbones of the authors' COCO and ADE20K models: pretrained=TAG loads the backbone only."
+        tables.append(_text_table(header, downstream, note))
+    return "\n\n".join(tables)
 
 
 def configs_table() -> str:

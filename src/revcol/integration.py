@@ -34,7 +34,7 @@ from revcol.contract import (
 from revcol.errors import ConfigError
 from revcol.lr_decay import check_lr_decay
 from revcol.model import ConvNextBlock, FullNet, Fusion, Level, SubNet, UpSample
-from revcol.variants import get_variant, load_weights
+from revcol.variants import backbone_options, get_variant, load_weights
 
 __all__ = ["CHECKPOINT_CLASSES", "CONFIG_DIR", "RevColBackbone", "checkpoint_classes_allowed", "supported_ultralytics"]
 
@@ -49,7 +49,8 @@ class RevColBackbone(FullNet):
     """
 
     def __init__(self, name: str = "revcol_small", options: Mapping[str, Any] | None = None) -> None:
-        options = dict(options or {})
+        # what pretrained names is decided (and the kernel size it implies filled in) before anything is built
+        options = backbone_options(None if name == CUSTOM_NAME else name, options)
         allowed = CUSTOM_OPTIONS if name == CUSTOM_NAME else VARIANT_OPTIONS
         unknown = sorted(set(options) - allowed)
         if unknown:

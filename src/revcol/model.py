@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, LayerNorm, LayerNorm2d, calculate_drop_path_rates, trunc_normal_
+from timm.layers import DropPath, LayerNorm, LayerNorm2d, calculate_drop_path_rates
 from torch import nn
 
 from revcol.errors import ConfigError, InputError
@@ -23,6 +23,15 @@ NUM_LEVELS = 4
 ALPHA_BOUND = 1e-3
 LAYER_SCALE_INIT = 1e-6
 NORM_EPS = 1e-6
+INIT_STD = 0.02
+INIT_BOUND = 2.0  # timm's trunc_normal_ bounds are absolute values: +-2, i.e. 100 std at std 0.02
+# Size limits of a configuration, far beyond any published RevCol (RevCol-H: channels up to 2880, 8 columns, depth 6
+# per level, kernel 7, 2.2 B parameters): larger values are typing mistakes, refused before anything is allocated.
+MAX_CHANNELS = 16384
+MAX_DEPTH = 64  # blocks per level
+MAX_COLUMNS = 256
+MAX_KERNEL = 63
+MAX_PARAMETERS = 20_000_000_000  # the whole backbone: each dimension may be within its limit, their product not
 
 Features = list[torch.Tensor]
 
@@ -207,6 +216,26 @@ class SubNet(nn.Module):
         return outputs
 
 
+def trunc_normal_(tensor: torch.Tensor, std: float, a: float, b: float) -> torch.Tensor:
+    """Fill ``tensor`` in place from N(0, std^2) truncated to ``[a, b]`` (absolute bounds, as timm's).
+
+    The distribution of timm's ``trunc_normal_``, drawn by rejection instead of through the inverse CDF: one
+    ``normal_`` pass, then the values outside ``[a, b]`` drawn again until none is left. At the paper's std 0.02
+    and bounds +-2 nothing is ever redrawn, so building a model costs one ``normal_`` pass and one ``aminmax``
+    per weight, about half of timm's ``uniform_`` + ``erfinv_`` + affine + ``clamp_`` over the same tensor.
+    """
+    if not a < 0 < b:
+        raise ValueError(f"trunc_normal_ needs a < 0 < b, got [{a}, {b}]")
+    tensor.normal_(0.0, std)
+    while tensor.numel() and not tensor.is_meta:  # a meta tensor has no values to check
+        low, high = torch.aminmax(tensor)
+        if low >= a and high <= b:
+            break
+        outside = (tensor < a) | (tensor > b)
+        tensor[outside] = tensor.new_empty(int(outside.sum())).normal_(0.0, std)
+    return tensor
+
+
 def _memory_format(tensor: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if tensor.dim() == 4 else torch.contiguous_format
 
@@ -216,15 +245,35 @@ def _is_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
-def _check_int_list(name: str, value: Sequence[int]) -> tuple[int, ...]:
+def _check_int_list(name: str, value: Sequence[int], limit: int) -> tuple[int, ...]:
     if (
         not isinstance(value, Sequence)
         or isinstance(value, str)
         or len(value) != NUM_LEVELS
-        or not all(_is_int(v) and v > 0 for v in value)
+        or not all(_is_int(v) and 0 < v <= limit for v in value)
     ):
-        raise ConfigError(f"{name} must be {NUM_LEVELS} positive ints (one per level), got {value!r}")
+        raise ConfigError(f"{name} must be {NUM_LEVELS} ints in [1, {limit}] (one per level), got {value!r}")
     return tuple(int(v) for v in value)
+
+
+def parameter_count(
+    channels: Sequence[int], layers: Sequence[int], num_subnet: int, kernel_size: int, level0_from_coarsest: bool
+) -> int:
+    """The number of parameters of a ``FullNet`` of this configuration, computed without building it."""
+    c = [int(v) for v in channels]
+
+    def block(width: int) -> int:  # dwconv, norm, pwconv1, pwconv2 (weights and biases), gamma
+        return width * kernel_size**2 + width + 2 * width + 2 * (4 * width * width) + 4 * width + width + width
+
+    def projection(c_in: int, c_out: int) -> int:  # UpSample: Linear and LayerNorm
+        return c_in * c_out + c_out + 2 * c_out
+
+    column = sum(c[level] + layers[level] * block(c[level]) for level in range(NUM_LEVELS))  # alphas and blocks
+    column += sum(4 * c[level - 1] * c[level] + c[level] + 2 * c[level] for level in range(1, NUM_LEVELS))  # down
+    later = sum(projection(c[level + 1], c[level]) for level in range(NUM_LEVELS - 1))  # up, not in the first column
+    later += projection(c[-1], c[0]) if level0_from_coarsest else 0
+    stem = 3 * 16 * c[0] + c[0] + 2 * c[0]
+    return stem + num_subnet * column + (num_subnet - 1) * later
 
 
 class FullNet(nn.Module):
@@ -248,18 +297,25 @@ class FullNet(nn.Module):
         """``level0_from_coarsest``: level 0 of every column but the first also reads the previous column's
         level 3, projected and upsampled x8 (``fusion.up2``), as in the authors' RevCol-H."""
         super().__init__()
-        channels = _check_int_list("channels", channels)
-        layers = _check_int_list("layers", layers)
-        if not _is_int(num_subnet) or num_subnet < 1:
-            raise ConfigError(f"num_subnet must be an int >= 1, got {num_subnet!r}")
-        if not _is_int(kernel_size) or kernel_size < 1 or kernel_size % 2 == 0:
-            raise ConfigError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
+        channels = _check_int_list("channels", channels, MAX_CHANNELS)
+        layers = _check_int_list("layers", layers, MAX_DEPTH)
+        if not _is_int(num_subnet) or not 1 <= num_subnet <= MAX_COLUMNS:
+            raise ConfigError(f"num_subnet must be an int in [1, {MAX_COLUMNS}], got {num_subnet!r}")
+        if not _is_int(kernel_size) or not 1 <= kernel_size <= MAX_KERNEL or kernel_size % 2 == 0:
+            raise ConfigError(f"kernel_size must be a positive odd int, got {kernel_size!r} (at most {MAX_KERNEL})")
         if not isinstance(drop_path, numbers.Real) or isinstance(drop_path, bool) or not 0 <= drop_path < 1:
             raise ConfigError(f"drop_path must be a number in [0, 1), got {drop_path!r}")
         if not isinstance(save_memory, (bool, np.bool_)):
             raise ConfigError(f"save_memory must be True or False, got {save_memory!r}")
         if not isinstance(level0_from_coarsest, (bool, np.bool_)):
             raise ConfigError(f"level0_from_coarsest must be True or False, got {level0_from_coarsest!r}")
+        total = parameter_count(channels, layers, int(num_subnet), int(kernel_size), bool(level0_from_coarsest))
+        if total > MAX_PARAMETERS:
+            raise ConfigError(
+                f"this RevCol configuration would have {total:,} parameters, more than the limit of "
+                f"{MAX_PARAMETERS:,} (RevCol-H has 2.2 B): channels {list(channels)}, layers {list(layers)}, "
+                f"num_subnet {num_subnet}, kernel_size {kernel_size}"
+            )
 
         self.channels, self.layers, self.num_subnet = channels, layers, int(num_subnet)
         self.kernel_size, self.drop_path, self.save_memory = int(kernel_size), float(drop_path), bool(save_memory)
@@ -301,7 +357,7 @@ class FullNet(nn.Module):
         """Initialise as the paper: trunc-normal(0.02) conv/linear weights, unit norms, alpha 0.5, gamma 1e-6."""
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
-                trunc_normal_(module.weight, std=0.02)
+                trunc_normal_(module.weight, INIT_STD, -INIT_BOUND, INIT_BOUND)
                 nn.init.zeros_(module.bias)
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,22 +29,35 @@ class LoadResult:
     skipped: list[str] = field(default_factory=list)
 
 
-def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a checkpoint (``~`` expanded) with ``weights_only=True``; its state dict without ``module.`` prefixes."""
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """Read a checkpoint (``~`` expanded) with ``weights_only=True``; its state dict without ``module.`` prefixes.
+
+    ``mmap``: map the tensors of a zip-format file instead of reading them (to check a file cheaply).
+    """
     path = Path(path).expanduser()
-    if path.is_dir():
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {path}") from None
+    except OSError as error:
+        raise CheckpointError(f"cannot read {path}: {error.strerror or error}") from None
+    if stat.S_ISDIR(mode):
         raise CheckpointError(f"{path} is a directory, not a checkpoint file")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    with path.open("rb") as file:
-        head = file.read(len(ZIP_MAGIC))
+    if not stat.S_ISREG(mode):
+        # never opened: a FIFO would block the open, a device like /dev/zero would be read forever
+        raise CheckpointError(f"{path} is {describe_kind(path)}, not a regular file: a checkpoint is a file")
+    try:
+        with path.open("rb") as file:
+            head = file.read(len(ZIP_MAGIC))
+    except OSError as error:  # unreadable for this user, say
+        raise CheckpointError(f"cannot read {path}: {error.strerror or error}") from None
     if not head.startswith((ZIP_MAGIC, PICKLE_MAGIC)):
         kind = "an empty file" if not head else f"a file starting with {head!r}"
         raise CheckpointError(
             f"{path} is not a PyTorch checkpoint: torch.save writes a zip archive or a pickle, this is {kind}"
         )
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and head.startswith(ZIP_MAGIC))
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path} was refused by weights-only loading ({_unpickler_reason(e)}): it is corrupt or holds objects "
@@ -66,12 +81,12 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def read_backbone(path: str | Path) -> dict[str, torch.Tensor]:
+def read_backbone(path: str | Path, mmap: bool = False) -> dict[str, torch.Tensor]:
     """``read_checkpoint``, with a detector's ``backbone.`` prefix removed when the backbone sits only under it.
 
     Raises ``CheckpointError`` when the file holds no RevCol backbone tensor in either layout.
     """
-    state = read_checkpoint(path)
+    state = read_checkpoint(path, mmap=mmap)
     if any(k.startswith(BACKBONE_PREFIXES) for k in state):
         return state
     if any(k.removeprefix(DETECTOR_PREFIX).startswith(BACKBONE_PREFIXES) for k in state):
@@ -97,6 +112,13 @@ def load_pretrained(model: nn.Module, path: str | Path) -> LoadResult:
 def load_backbone_state(model: nn.Module, state: Mapping[str, torch.Tensor], path: str | Path) -> LoadResult:
     """``load_pretrained`` of a state dict already read from ``path`` (named in the errors)."""
     own = model.state_dict()
+    check_backbone_state(own, state, path)
+    model.load_state_dict({k: state[k] for k in own}, strict=True)
+    return LoadResult(loaded=list(own), skipped=sorted(k for k in state if k not in own))
+
+
+def check_backbone_state(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], path: str | Path) -> None:
+    """``CheckpointError`` unless ``state`` has exactly the backbone tensors of ``own`` (a model's state dict)."""
     missing = sorted(set(own) - set(state))
     unexpected = sorted(k for k in state if k not in own and k.startswith(BACKBONE_PREFIXES))
     if missing or unexpected:
@@ -110,8 +132,23 @@ def load_backbone_state(model: nn.Module, state: Mapping[str, torch.Tensor], pat
             raise CheckpointError(
                 f"{path}: shape mismatch for {key}: checkpoint {tuple(state[key].shape)}, model {tuple(value.shape)}"
             )
-    model.load_state_dict({k: state[k] for k in own}, strict=True)
-    return LoadResult(loaded=list(own), skipped=sorted(k for k in state if k not in own))
+
+
+def describe_kind(path: str | Path) -> str:
+    """What is at ``path`` when it is not a regular file: "a directory", "a FIFO", "a character device", ..."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return "nothing readable"
+    kinds = [
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISLNK, "a broken symbolic link"),
+    ]
+    return next((name for test, name in kinds if test(mode)), "a regular file")
 
 
 def _head(keys: list[str], n: int = 5) -> str:

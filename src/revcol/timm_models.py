@@ -26,7 +26,7 @@ from revcol import lr_decay, weights
 from revcol.errors import CheckpointError, ConfigError
 from revcol.model import NORM_EPS, FullNet
 from revcol.pretrained import LoadResult, load_backbone_state, read_backbone
-from revcol.variants import VARIANTS, get_variant
+from revcol.variants import VARIANTS, get_variant, pretrained_kernel_size
 
 POOL_TYPES = ("avg", "max", "avgmax", "")  # pooled width must stay C3: the norm's shape is fixed by the checkpoints
 FEATURE_CLASSES = ("getter", "hook")
@@ -288,6 +288,8 @@ def create(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     )
     checkpoint = None
     if pretrained:
+        if not cfg.file:  # decided before building; the published file fixes the kernel size (RevCol-H's k7 files)
+            kwargs["kernel_size"] = pretrained_kernel_size(variant, cfg.tag or True, kwargs.get("kernel_size"))
         checkpoint = Path(cfg.file) if cfg.file else weights.resolve(variant, cfg.tag or True)
     # timm is told pretrained=False: the weights were loaded by _build, before any features_only wrapping.
     return build_model_with_cfg(

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
+
+import torch
 
 from revcol import weights
 from revcol.errors import ConfigError
 from revcol.model import FullNet
-from revcol.pretrained import load_pretrained
+from revcol.pretrained import check_backbone_state, load_pretrained, read_backbone
 
 
 @dataclass(frozen=True)
@@ -59,19 +64,70 @@ def load_weights(model: FullNet, variant: str | None, pretrained: Pretrained) ->
         load_pretrained(model, weights.resolve(variant, pretrained))
 
 
+def pretrained_kernel_size(variant: str | None, pretrained: Pretrained, kernel_size: int | None) -> int | None:
+    """The ``kernel_size`` to build ``variant`` with for ``pretrained``, checked before anything is built.
+
+    A published file fixes it (RevCol-H's ``megdata_k7`` and its UperNet file: 7); ``kernel_size`` may then
+    only repeat it. Raises ``CheckpointError`` when ``pretrained`` names published weights that do not exist
+    (RevCol-XL, a custom configuration, an unknown tag), without the network. ``None``: the default (3).
+    """
+    entry = None if pretrained is None or pretrained is False else weights.named_entry(variant, pretrained)
+    if entry is None:
+        return kernel_size
+    if kernel_size is not None and kernel_size != entry.kernel_size:
+        raise ConfigError(
+            f"{variant} weights {entry.tag!r} ({entry.filename}) have {entry.kernel_size}x{entry.kernel_size} "
+            f"depthwise kernels, so kernel_size must be {entry.kernel_size} (or left out), got {kernel_size!r}"
+        )
+    return entry.kernel_size
+
+
+def backbone_options(variant: str | None, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A model-YAML row's options with what its ``pretrained`` implies filled in (``pretrained_kernel_size``).
+
+    ``variant`` ``None``: a custom configuration. Called before the backbone is built.
+    """
+    options = dict(options or {})
+    if variant is not None and variant not in VARIANTS:
+        return options  # an unknown name is reported by the builder, with the list of known ones
+    kernel_size = pretrained_kernel_size(variant, options.get("pretrained"), options.get("kernel_size"))
+    if kernel_size is not None:
+        options["kernel_size"] = kernel_size
+    return options
+
+
 def build_variant(
     name: str,
     *,
     pretrained: Pretrained = None,
     save_memory: bool = True,
     drop_path: float | None = None,
-    kernel_size: int = 3,
+    kernel_size: int | None = None,
 ) -> FullNet:
-    """Build variant ``name``; ``drop_path=None`` uses the paper's rate; ``pretrained`` as in ``load_weights``."""
-    config = get_variant(name).fullnet_kwargs(drop_path=drop_path, kernel_size=kernel_size, save_memory=save_memory)
-    model = FullNet(**config)
+    """Build variant ``name``; ``drop_path=None`` uses the paper's rate; ``pretrained`` as in ``load_weights``.
+
+    ``kernel_size=None``: 3, or what the published file that ``pretrained`` names was trained with.
+    """
+    spec = get_variant(name)
+    kernel_size = pretrained_kernel_size(name, pretrained, kernel_size)  # before building: no model for nothing
+    model = FullNet(**spec.fullnet_kwargs(drop_path=drop_path, kernel_size=kernel_size, save_memory=save_memory))
     load_weights(model, name, pretrained)
     return model
+
+
+def check_published(entry: weights.PublishedWeights, path: str | os.PathLike | None = None) -> None:
+    """``CheckpointError`` unless ``path`` (default: the cached file of ``entry``) is a readable checkpoint whose
+    backbone fits ``entry``'s variant. Cheap: the model is built on the meta device and the tensors are mapped."""
+    path = weights.cache_path(entry) if path is None else Path(path)
+    expected = _meta_state(get_variant(entry.variant), entry.kernel_size)
+    check_backbone_state(expected, read_backbone(path, mmap=True), path)
+
+
+@functools.lru_cache(maxsize=16)
+def _meta_state(spec: VariantSpec, kernel_size: int) -> dict[str, torch.Tensor]:
+    """The state dict (shapes only) of ``spec`` built on the meta device; kept, as ``revcol info`` checks many files."""
+    with torch.device("meta"):
+        return FullNet(**spec.fullnet_kwargs(kernel_size=kernel_size, save_memory=False)).state_dict()
 
 
 def revcol_tiny(**kwargs) -> FullNet:
