@@ -1,4 +1,4 @@
-"""Small synthetic datasets in Ultralytics' formats for the segment, pose, OBB and classify tasks (tests only).
+"""Small synthetic datasets in Ultralytics' formats for the segment, pose, OBB, classify, semantic and depth tasks.
 
 Every image is ``imgsz`` px square: a dull noisy background with bright flat shapes, at most one in each cell
 of a 2 x 2 grid, so shapes never overlap and every label is exactly the geometry that was drawn. Detection-style
@@ -9,6 +9,11 @@ layouts (segment, pose, OBB)::
     root/labels/{train,val}/000000.txt   one line per shape, coordinates normalised to [0, 1]
 
 Classification is an ImageFolder tree ``root/{train,val}/<class>/000000.png``; ``data=`` is ``root``.
+Semantic segmentation (Ultralytics' ``SemanticDataset``) and depth (``DepthDataset``) pair each image with a map
+in a folder beside ``images``, same split and stem::
+
+    root/masks/{train,val}/000000.png    uint8, each pixel its class id (0 background), masks_dir: masks
+    root/depth/{train,val}/000000.npy    float32 metres, (imgsz, imgsz): a far wall with nearer flat shapes
 The same ``seed`` gives the same files.
 """
 
@@ -30,6 +35,8 @@ POSE_KEYPOINTS = ("apex", "left", "right")
 POSE_FLIP_IDX = [0, 2, 1]  # a horizontal flip swaps the left and right corners
 OBB_NAMES = ("bar", "square")  # rotated rectangles of aspect 3:1 and 1:1
 CLASSIFY_NAMES = ("disc", "triangle")
+SEMANTIC_NAMES = ("background", "disc", "triangle")  # mask pixel values 0, 1, 2
+DEPTH_BACKGROUND = 6.0  # metres: the wall behind the shapes; each shape is a flat plate at 1-4 m
 
 Cell = tuple[float, float, float]  # centre x, centre y, half-size (px) of the square a shape must stay inside
 Shape = Callable[[np.random.Generator, np.ndarray, Cell], list[float]]  # draws one shape, returns its label row
@@ -160,3 +167,64 @@ def classify_dataset(root: Path, n_train: int = 8, n_val: int = 4, imgsz: int = 
             folder.mkdir(parents=True, exist_ok=True)
             cv2.imwrite(str(folder / f"{i:06d}.png"), image)
     return root
+
+
+def _write_paired_layout(
+    root: Path, n_train: int, n_val: int, imgsz: int, seed: int, folder: str, suffix: str, draw: Callable, **data
+) -> Path:
+    """Images plus one target map per image under ``root/<folder>/<split>/``; ``draw(rng) -> (image, target)``."""
+    rng = np.random.default_rng(seed)
+    for split, n in zip(SPLITS, (n_train, n_val), strict=True):
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        (root / folder / split).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            image, target = draw(rng)
+            cv2.imwrite(str(root / "images" / split / f"{i:06d}.png"), image)
+            if suffix == ".npy":
+                np.save(root / folder / split / f"{i:06d}.npy", target)
+            else:
+                cv2.imwrite(str(root / folder / split / f"{i:06d}{suffix}"), target)
+    meta = {"path": str(root), "train": "images/train", "val": "images/val", **data}
+    (root / "data.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
+    return root / "data.yaml"
+
+
+def _shapes_with_maps(rng: np.random.Generator, imgsz: int) -> tuple[np.ndarray, list[tuple[np.ndarray, int]]]:
+    """An image with 1-4 discs or triangles, and each shape's filled polygon (px) and class (1 disc, 2 triangle)."""
+    image = _background(rng, imgsz)
+    shapes = []
+    for cx, cy, half in _cells(rng, imgsz, int(rng.integers(1, GRID * GRID + 1))):
+        cls = int(rng.integers(1, len(SEMANTIC_NAMES)))
+        polygon = regular_polygon(cx, cy, half * rng.uniform(0.6, 1.0), (24, 3)[cls - 1], rng.uniform(0, 2 * np.pi))
+        _fill(image, polygon, _colour(rng))
+        shapes.append((polygon, cls))
+    return image, shapes
+
+
+def semantic_dataset(root: Path, n_train: int = 8, n_val: int = 4, imgsz: int = 64, seed: int = 0) -> Path:
+    """Discs and triangles with per-pixel class masks (PNG, 0 background); returns ``data.yaml``."""
+
+    def draw(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        image, shapes = _shapes_with_maps(rng, imgsz)
+        mask = np.zeros((imgsz, imgsz), np.uint8)
+        for polygon, cls in shapes:
+            cv2.fillPoly(mask, [np.round(polygon).astype(np.int32)], cls)
+        return image, mask
+
+    names = dict(enumerate(SEMANTIC_NAMES))
+    return _write_paired_layout(Path(root), n_train, n_val, imgsz, seed, "masks", ".png", draw, masks_dir="masks",
+                                names=names)  # fmt: skip
+
+
+def depth_dataset(root: Path, n_train: int = 8, n_val: int = 4, imgsz: int = 64, seed: int = 0) -> Path:
+    """Flat shapes in front of a wall, with float32 depth maps in metres (``.npy``); returns ``data.yaml``."""
+
+    def draw(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        image, shapes = _shapes_with_maps(rng, imgsz)
+        depth = np.full((imgsz, imgsz), DEPTH_BACKGROUND, np.float32)
+        for polygon, _ in shapes:
+            cv2.fillPoly(depth, [np.round(polygon).astype(np.int32)], float(rng.uniform(1.0, 4.0)))
+        return image, depth
+
+    return _write_paired_layout(Path(root), n_train, n_val, imgsz, seed, "depth", ".npy", draw, nc=1,
+                                names={0: "depth"}, channels=3)  # fmt: skip

@@ -160,3 +160,42 @@ def test_predict_with_trained_weights(trained):
     assert all(p.stat().st_size > 0 for p in saved)
     assert "Results saved to" in run.stdout + run.stderr
     no_network(cwd)
+
+
+def test_info_lists_every_shipped_config(capsys):
+    from revcol.contract import shipped_configs
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    rows = {
+        line.split()[0]: line.split()
+        for line in out.splitlines()
+        if line.split()[:1] and line.split()[0].endswith(".yaml")
+    }
+    assert {"yolo-revcol-sem.yaml", "yolo-revcol-depth.yaml", "yolo-revcol-p2.yaml", "rtdetr-revcol-p2.yaml"} <= set(
+        shipped_configs()
+    )
+    assert sorted(rows) == shipped_configs()
+    assert rows["yolo-revcol-sem.yaml"][1:] == ["SemanticSegment", "11,8", "revcol_tiny"]
+    assert rows["rtdetr-revcol-p2.yaml"][1:] == ["RTDETRDecoder", "21,24,27,30", "revcol_tiny"]
+
+
+BAD_CUSTOM_ROWS = {
+    "empty": ("[-1, 1, revcol, []]", r"missing \['channels', 'layers', 'num_subnet'\]"),
+    "null": ("[-1, 1, revcol, null]", r"missing \['channels', 'layers', 'num_subnet'\]"),
+    "empty-mapping": ("[-1, 1, revcol, [{}]]", r"missing \['channels', 'layers', 'num_subnet'\]"),
+    "no-channels": ("[-1, 1, revcol, [{layers: [1, 1, 1, 1], num_subnet: 2}]]", r"missing \['channels'\]"),
+    "three-items": ("[-1, 1, revcol]", r"has four items, \[from, repeats, module, args\].*got 3"),
+}
+
+
+@pytest.mark.parametrize(("row", "match"), BAD_CUSTOM_ROWS.values(), ids=list(BAD_CUSTOM_ROWS))
+def test_info_of_a_bad_custom_row_prints_the_config_error(tmp_path, row, match):
+    path = tmp_path / "bad.yaml"
+    path.write_text(TINY_RTDETR_YAML.replace(TINY_RTDETR_YAML.splitlines()[2].strip("- ").split("  #")[0], row, 1))
+    assert row in path.read_text()
+    run = revcol("info", str(path), cwd=tmp_path)
+    assert run.returncode == 1
+    assert "Traceback" not in run.stdout + run.stderr
+    first = run.stderr.splitlines()[0]
+    assert first.startswith("ConfigError: ") and re.search(match, first), run.stderr

@@ -19,7 +19,7 @@ import yaml
 from revcol_helpers import TINY_CHANNELS, TINY_RTDETR_YAML, WeightsServer, make_net
 
 import revcol
-from revcol import CheckpointError, ConfigError, FullNet, VariantSpec, integration, timm_models, weights
+from revcol import CheckpointError, ConfigError, FullNet, VariantSpec, contract, timm_models, weights
 from revcol.pretrained import read_backbone
 from revcol.variants import pretrained_kernel_size
 from revcol.weights import DEFAULT_TAGS, MIRROR_ROOT, WEIGHTS, PublishedWeights
@@ -190,7 +190,7 @@ def downstream(server, tmp_path, monkeypatch) -> tuple[WeightsServer, dict[str, 
     monkeypatch.setitem(revcol.VARIANTS, FAKE, FAKE_SPEC)
     monkeypatch.setitem(WEIGHTS, FAKE, {e.tag: e for e in (COCO_ENTRY, ADE_ENTRY, K7_ENTRY)})
     monkeypatch.setitem(DEFAULT_TAGS, FAKE, COCO_ENTRY.tag)
-    monkeypatch.setattr(integration, "BACKBONE_NAMES", integration.BACKBONE_NAMES | {FAKE})
+    monkeypatch.setattr(contract, "BACKBONE_NAMES", contract.BACKBONE_NAMES | {FAKE})
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv("REVCOL_WEIGHTS_URL", server.base)
     backbones = _backbones()

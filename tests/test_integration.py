@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import copy
 import logging
 import threading
@@ -19,7 +20,7 @@ from ultralytics.nn import tasks
 from ultralytics.nn.modules import Index
 
 import revcol
-from revcol import integration
+from revcol import hooks, integration
 from revcol.integration import RevColBackbone
 from revcol.trainers import RevColDetectionTrainer, exclude_from_weight_decay, no_decay_parameters
 
@@ -101,14 +102,13 @@ def test_pretrained_option_loads_authors_layout(tmp_path):
         torch.testing.assert_close(value, state[f"module.{key}"], rtol=0, atol=0)
 
 
-TARGETS = [
-    (tasks, "parse_model"),
-    (tasks, "check_yaml"),
-    (tasks.BaseModel, "predict"),
-    (tasks.RTDETRDetectionModel, "predict"),
-    (Model, "_smart_load"),
-    (tasks._SafeLoad, "loading"),
-]
+def _targets(group: str = hooks.REGISTER) -> list[tuple[object, str]]:
+    """``(owner, attribute)`` of every hook of ``group`` in revcol's one table, owners resolved as it resolves them."""
+    return [(owner, hook.name) for hook in hooks.HOOKS if hook.group == group for owner in hooks.owners(hook)]
+
+
+def _guarded_targets(group: str = hooks.REGISTER) -> list[tuple[object, str]]:
+    return [(o, h.name) for h in hooks.HOOKS if h.group == group and h.guard for o in hooks.owners(h)]
 
 
 def _unwrapped(value):
@@ -121,16 +121,23 @@ def unregistered():
     """The Ultralytics attributes as they are without revcol; revcol registered again afterwards."""
     revcol.unregister()
     try:
-        yield {target: vars(target[0]).get(target[1]) for target in TARGETS}, {t: getattr(*t) for t in TARGETS}
+        targets = _targets()
+        yield (
+            {target: vars(target[0]).get(target[1], MISSING) for target in targets},
+            {t: getattr(*t) for t in _guarded_targets()},
+        )
     finally:
         revcol.unregister()
         revcol.register()
 
 
+MISSING = object()
+
+
 def _assert_pristine(originals):
     assert not revcol.is_registered() and "RevColBackbone" not in vars(tasks)
     for (owner, name), original in originals.items():
-        assert vars(owner).get(name) is original, name
+        assert vars(owner).get(name, MISSING) is original, name
 
 
 def _assert_wrapped_once(bound):
@@ -139,18 +146,97 @@ def _assert_wrapped_once(bound):
         assert _unwrapped(vars(owner)[name]) == original, name  # == : bound classmethods are new objects
 
 
+def test_the_table_covers_every_attribute_revcol_wraps(unregistered):
+    """The hand-checked minimum: the hooks the YAML, trainer, DDP and safe-load paths depend on are all in it."""
+    from ultralytics.engine.trainer import BaseTrainer
+    from ultralytics.models.yolo.detect import DetectionTrainer
+    from ultralytics.utils import dist
+
+    targets = set(_targets())
+    assert {
+        (tasks, "parse_model"), (tasks, "check_yaml"), (tasks, "RevColBackbone"), (tasks.BaseModel, "predict"),
+        (tasks.RTDETRDetectionModel, "predict"), (Model, "_smart_load"), (tasks._SafeLoad, "loading"),
+        (BaseTrainer, "build_optimizer"), (BaseTrainer, "save_model"), (DetectionTrainer, "get_model"),
+        (dist, "generate_ddp_file"),
+    } <= targets  # fmt: skip
+    assert len(targets) == len(_targets())  # no attribute is replaced twice
+
+
 def test_register_is_idempotent_and_unregister_restores_originals(unregistered):
     originals, bound = unregistered
     revcol.register()
-    patched = {t: vars(t[0])[t[1]] for t in TARGETS}
+    patched = {t: vars(t[0])[t[1]] for t in originals}
     revcol.register()
-    assert {t: vars(t[0])[t[1]] for t in TARGETS} == patched
+    assert {t: vars(t[0])[t[1]] for t in originals} == patched
+    assert all(patched[t] is not originals[t] for t in originals)
     _assert_wrapped_once(bound)
     revcol.unregister()
     revcol.unregister()
     _assert_pristine(originals)
     with pytest.raises(KeyError):  # Ultralytics as before: the name is unknown to it
         tasks.RTDETRDetectionModel(rtdetr_dict("revcol_tiny"), verbose=False)
+
+
+@pytest.mark.parametrize(("group", "context"), [(hooks.OFFLINE, {}), (hooks.CLI, {"args": ("val", "x=1")})])
+def test_scoped_groups_apply_for_the_block_and_restore_exactly(group, context):
+    targets = _targets(group)
+    assert targets
+    before = {t: vars(t[0]).get(t[1], MISSING) for t in targets}
+    with hooks.applied(group, **context), hooks.applied(group, **context):  # nested: one application
+        for hook in (h for h in hooks.HOOKS if h.group == group):
+            for owner in hooks.owners(hook):
+                now = vars(owner)[hook.name]
+                if hook.guard:  # our wrapper, around what was there
+                    assert now is not before[owner, hook.name] and now.__wrapped__ is before[owner, hook.name]
+                else:
+                    assert now == hooks.resolve(hook.make)(before[owner, hook.name], **context)
+        with pytest.raises(RuntimeError, match="in effect"), hooks.applied(group, other=1):
+            pass
+    assert {t: vars(t[0]).get(t[1], MISSING) for t in targets} == before
+    assert all(vars(t[0]).get(t[1], MISSING) is before[t] for t in targets)
+
+
+def test_no_unittest_mock_in_the_library():
+    for path in Path(revcol.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not any(name == "unittest" or name.startswith("unittest.") for name in imported), path.name
+
+
+def test_the_yaml_contract_imports_no_ultralytics():
+    source = (Path(revcol.__file__).parent / "contract.py").read_text()
+    tree = ast.parse(source)
+    modules = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    modules |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not any(m.split(".")[0] in {"ultralytics", "torch", "timm"} for m in modules), modules
+
+
+def _revcol_imports(path: Path) -> set[str]:
+    """The ``revcol.*`` modules that module ``path`` imports anywhere (functions too), except for type checking."""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            node.body = []
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            if node.module == "revcol":
+                found |= {f"revcol.{a.name}" for a in node.names}
+    return {m for m in found if m.startswith("revcol.") and m != f"revcol.{path.stem}"}
+
+
+def test_no_module_of_the_package_imports_one_that_imports_it_back():
+    imports = {f"revcol.{p.stem}": _revcol_imports(p) for p in Path(revcol.__file__).parent.glob("*.py")}
+
+    def reaches(start: str, goal: str, seen: frozenset) -> bool:
+        return any(m == goal or (m not in seen and reaches(m, goal, seen | {m})) for m in imports.get(start, ()))
+
+    cycles = sorted(m for m in imports if m != "revcol.__init__" and reaches(m, m, frozenset()))
+    assert cycles == [], cycles
 
 
 class _SomeoneElses:
@@ -240,6 +326,10 @@ def test_unsupported_ultralytics_version_is_refused(monkeypatch, version):
         ("revcol_small", ["x.pth", True], r"takes \[\] or one mapping of options"),
         ("revcol_tiny", [{"drop_path": 1.5}], r"drop_path must be a number in \[0, 1\)"),
         ("revcol", [{"channels": [8, 16, 24, 32]}], r"needs channels, layers and num_subnet"),
+        ("revcol", [], r"needs channels, layers and num_subnet; missing \['channels', 'layers', 'num_subnet'\]"),
+        ("revcol", None, r"missing \['channels', 'layers', 'num_subnet'\]"),
+        ("revcol", [{}], r"missing \['channels', 'layers', 'num_subnet'\]"),
+        ("revcol", [{"layers": [1, 1, 1, 1], "num_subnet": 2}], r"missing \['channels'\] \(e\.g\. \[-1, 1, revcol"),
         ("revcol_tiny", [{"pretrained": "does/not/exist.pth"}], r"checkpoint not found"),
         ("revcol_tiny", [{"save_memory": "False"}], r"save_memory must be True or False, got 'False'"),
         ("revcol_tiny", [{"kernel_size": True}], r"kernel_size must be a positive odd int, got True"),
@@ -249,7 +339,15 @@ def test_unsupported_ultralytics_version_is_refused(monkeypatch, version):
 def test_bad_backbone_rows_fail_clearly(name, args, match):
     d = rtdetr_dict()
     d["backbone"][0] = [-1, 1, name, args]
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(revcol.RevColError, match=match):
+        tasks.RTDETRDetectionModel(d, verbose=False)
+
+
+@pytest.mark.parametrize("row", [[-1, 1, "revcol"], [-1, 1, "revcol_tiny"], [-1, 1, "revcol_tiny", [], 5]])
+def test_a_revcol_row_of_other_than_four_items_is_a_config_error(row):
+    d = rtdetr_dict()
+    d["backbone"][0] = row
+    with pytest.raises(revcol.ConfigError, match=rf"has four items.*got {len(row)}"):
         tasks.RTDETRDetectionModel(d, verbose=False)
 
 
@@ -369,3 +467,48 @@ def test_model_dict_is_not_modified_by_expansion():
     before = copy.deepcopy(d)
     model = tasks.RTDETRDetectionModel(d, verbose=False)
     assert model.yaml["backbone"] == before["backbone"]
+
+
+# sha256 (first 16 hex digits) of "name shape" per state-dict entry, and the entry count, of each shipped config as
+# built before the hook table and the YAML contract moved (the same on Ultralytics 8.4.67 and 8.4.190).
+SHIPPED_STATE = {
+    "rtdetr-revcol-cpu.yaml": ("2de7c91dc64dab2c", 389),
+    "rtdetr-revcol-demo.yaml": ("85bbdd208b8c9062", 389),
+    "rtdetr-revcol.yaml": ("98f62a84ece7cda3", 1331),
+    "yolo-revcol-cls.yaml": ("e6ebde4bb33c141a", 472),
+    "yolo-revcol-obb.yaml": ("87b666e40408e804", 711),
+    "yolo-revcol-pose.yaml": ("cb3fc9eae3fe2b8d", 711),
+    "yolo-revcol-seg.yaml": ("8b6d50c806372e65", 731),
+    "yolo-revcol.yaml": ("bfd0974f309a46af", 669),
+}
+# A fresh interpreter: what earlier tests did to Ultralytics' state in this one (8.4.67 keeps some) cannot leak in.
+STATE_OF_SHIPPED = """
+import hashlib, json, sys
+import revcol
+from ultralytics.nn import tasks
+
+classes = {"RTDETRDecoder": tasks.RTDETRDetectionModel, "Classify": tasks.ClassificationModel,
+           "Segment": tasks.SegmentationModel, "Pose": tasks.PoseModel, "OBB": tasks.OBBModel,
+           "Detect": tasks.DetectionModel}
+out = {}
+for config in sys.argv[1:]:
+    d = tasks.yaml_model_load(config)
+    state = classes[d["head"][-1][2]](d, verbose=False).state_dict()
+    text = "\\n".join(f"{k} {tuple(v.shape)}" for k, v in state.items())
+    out[config] = [hashlib.sha256(text.encode()).hexdigest()[:16], len(state)]
+print(json.dumps(out))
+"""
+
+
+def test_shipped_configs_build_the_same_models_as_before(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from revcol_helpers import revcol_env
+
+    command = [sys.executable, "-c", STATE_OF_SHIPPED, *SHIPPED_STATE]
+    out = subprocess.run(command, cwd=tmp_path, env=revcol_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    built = {k: tuple(v) for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
+    assert built == SHIPPED_STATE

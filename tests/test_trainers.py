@@ -16,31 +16,38 @@ from pathlib import Path
 
 import pytest
 import torch
+import ultralytics
 from revcol_helpers import TINY_BACKBONE, TINY_YOLO_YAML, tiny_yaml
 from ultralytics import YOLO
 from ultralytics.cfg import get_cfg
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.models.yolo.segment import SegmentationTrainer
 from ultralytics.utils import DEFAULT_CFG
+from ultralytics.utils.checks import check_version
 
-from revcol import ConfigError, FullNet, RevColBackbone
+from revcol import ConfigError, FullNet, RevColBackbone, hooks, trainers
 from revcol.demo import generate_dataset
 from revcol.lr_decay import depth_map, layer_id, lr_scale, num_layers
 from revcol.trainers import (
+    TRAINERS,
     RevColClassificationTrainer,
     RevColDetectionTrainer,
     RevColOBBTrainer,
     RevColPoseTrainer,
     RevColSegmentationTrainer,
+    RevColSemanticSegmentationTrainer,
     no_decay_parameters,
 )
 
 IMGSZ = 64
+HAS_DEPTH = check_version(ultralytics.__version__, ">=8.4.104")
 HEADS = {
     "detect": "[[10, 7, 4], 1, Detect, [nc]]",
     "segment": "[[10, 7, 4], 1, Segment, [nc, 32, 16]]",
     "pose": "[[10, 7, 4], 1, Pose, [nc, kpt_shape]]",
     "obb": "[[10, 7, 4], 1, OBB, [nc, 1]]",
+    "semantic": "[[10, 7], 1, SemanticSegment, [nc]]",
+    "depth": "[[10, 7, 4], 1, Depth, [16]]",
 }
 TASK_TRAINERS = {
     "detect": RevColDetectionTrainer,
@@ -48,6 +55,8 @@ TASK_TRAINERS = {
     "pose": RevColPoseTrainer,
     "obb": RevColOBBTrainer,
     "classify": RevColClassificationTrainer,
+    "semantic": RevColSemanticSegmentationTrainer,
+    **({"depth": trainers.RevColDepthTrainer} if HAS_DEPTH else {}),
 }
 
 
@@ -89,6 +98,44 @@ class UserSegmentationTrainer(SegmentationTrainer):
         model = super().get_model(cfg=cfg, weights=weights, verbose=verbose)
         model.built_by_user_trainer = True
         return model
+
+
+# --- which trainers ---------------------------------------------------------------------------------------------
+
+
+def test_every_trainer_of_the_installed_ultralytics_task_maps_is_covered(tmp_path):
+    """Derived from Ultralytics itself: each task map's trainer has its RevCol class and the get_model hook."""
+    from ultralytics import RTDETR
+
+    task_maps = [YOLO(write_yaml(tmp_path, "detect")).task_map, RTDETR("rtdetr-revcol-cpu.yaml").task_map]
+    by_task = {task: entry["trainer"] for task_map in task_maps for task, entry in task_map.items()}
+    assert {"detect", "segment", "pose", "obb", "classify", "semantic"} <= set(by_task)
+    assert ("depth" in by_task) == HAS_DEPTH  # 8.4.190: semantic and depth; 8.4.67: semantic only
+    get_model = next(h for h in hooks.HOOKS if h.name == "get_model")
+    wrapped = set(hooks.owners(get_model))
+    for task_map in task_maps:
+        for task, entry in task_map.items():
+            trainer = entry["trainer"]
+            made = TRAINERS[trainer]
+            assert made.__name__ == f"RevCol{trainer.__name__}" and getattr(trainers, made.__name__) is made, task
+            assert issubclass(made, trainer) and made.__module__ == "revcol.trainers"
+            definer = next(c for c in trainer.__mro__ if "get_model" in vars(c))
+            assert definer in wrapped and hasattr(vars(definer)["get_model"], "__wrapped__"), task
+
+
+def test_a_trainer_defined_later_gets_its_revcol_class_by_name():
+    """A trainer class Ultralytics defines after revcol was imported: importable as revcol.trainers.RevCol<name>."""
+
+    later = type("LaterTrainer", (DetectionTrainer,), {"__module__": "ultralytics.models.yolo.later"})
+    try:
+        made = trainers.RevColLaterTrainer
+        assert issubclass(made, later) and made.__name__ == "RevColLaterTrainer"
+        assert trainers.revcol_trainer(later) is made
+        with pytest.raises(AttributeError):
+            trainers.RevColNoSuchTrainer  # noqa: B018
+    finally:
+        trainers._made.pop(later, None)
+        vars(trainers).pop("RevColLaterTrainer", None)
 
 
 # --- the depth map ---------------------------------------------------------------------------------------------
@@ -242,9 +289,15 @@ def test_every_trainer_exempts_alphas_gammas_and_norms_and_decays_lr(task, cls, 
     assert stem["lr"] == pytest.approx(0.1 * 0.5**6) and head["lr"] == 0.1
 
 
-@pytest.mark.parametrize("cls", [RevColSegmentationTrainer, UserSegmentationTrainer, RevColClassificationTrainer])
-def test_model_about_to_get_trained_weights_skips_its_pretrained_file(cls, tmp_path):
-    task = "classify" if cls is RevColClassificationTrainer else "segment"
+SKIP_PRETRAINED_CASES = [
+    ("segment", RevColSegmentationTrainer), ("segment", UserSegmentationTrainer),
+    ("classify", RevColClassificationTrainer), ("semantic", RevColSemanticSegmentationTrainer),
+    *([("depth", trainers.RevColDepthTrainer)] if HAS_DEPTH else []),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("task", "cls"), SKIP_PRETRAINED_CASES, ids=[c.__name__ for _, c in SKIP_PRETRAINED_CASES])
+def test_model_about_to_get_trained_weights_skips_its_pretrained_file(task, cls, tmp_path):
     gone = tmp_path / "imagenet-gone.pth"
     yaml = write_yaml(tmp_path, task, backbone_with(f"pretrained: {gone}"), "pretrained")
     with pytest.raises(Exception, match="imagenet-gone"):  # building it from the YAML alone reads the file

@@ -399,9 +399,9 @@ def test_variant_builder_takes_true_or_a_tag(pretrained, serving, checkpoint):
 def test_yaml_backbone_line_takes_true_a_tag_or_a_path(pretrained, serving, checkpoint, tmp_path, monkeypatch):
     from ultralytics.nn.tasks import RTDETRDetectionModel
 
-    from revcol import integration
+    from revcol import contract
 
-    monkeypatch.setattr(integration, "BACKBONE_NAMES", integration.BACKBONE_NAMES | {"revcol_test"})
+    monkeypatch.setattr(contract, "BACKBONE_NAMES", contract.BACKBONE_NAMES | {"revcol_test"})
     if pretrained == "path":
         pretrained = str(tmp_path / "mine.pth")
         Path(pretrained).write_bytes(checkpoint[0])

@@ -31,7 +31,8 @@ try:
 except importlib.metadata.PackageNotFoundError:  # imported from a source tree that was never installed
     __version__ = "0+unknown"
 
-from revcol.integration import RevColBackbone, is_registered, register, unregister
+from revcol.hooks import is_registered, register, unregister
+from revcol.integration import RevColBackbone
 
 try:
     register()

@@ -49,7 +49,11 @@ Shipped model configs, loadable by bare name:
     rtdetr-revcol.yaml       RT-DETR with RevCol-S (ImageNet weights: add {pretrained: true} in a copy)
     rtdetr-revcol-cpu.yaml   RT-DETR with a small custom RevCol: trains on a CPU
     rtdetr-revcol-demo.yaml  the tiny 3-class model of `revcol demo`
+    rtdetr-revcol-p2.yaml    RT-DETR reading RevCol-T's stride-4 map too (small objects)
     yolo-revcol.yaml         YOLO detector (C2f neck, Detect head) with RevCol-T
+    yolo-revcol-p2.yaml      YOLO detector with a P2 (stride 4) level, for small objects
+    yolo-revcol-seg.yaml, -pose, -obb, -cls, -sem (semantic), -depth (ultralytics>=8.4.104): the other tasks
+    (`revcol info` lists them all)
 
 Examples:
     revcol train model=rtdetr-revcol.yaml data=path/to/data.yaml epochs=72 imgsz=640 batch=16
@@ -104,23 +108,18 @@ def _env_true(name: str) -> bool:
 
 def _ultralytics(args: list[str]) -> int:
     """Ultralytics' own ``yolo`` entry point on ``args``, with the RevCol backbones registered."""
-    from unittest import mock
-
     from ultralytics import cfg
-    from ultralytics.engine import model as engine_model
 
     import revcol  # noqa: F401  (registers the backbones)
-    from revcol.demo import offline
+    from revcol import hooks
 
-    # Ultralytics reads the command line from these module globals (copies of sys.argv) and recognises its
-    # CLI by the program name, e.g. `yolo predict` saves annotated results by default; so, seen from there,
-    # this is `yolo` with our arguments.
-    argv = ["yolo", *args]
+    # Ultralytics reads the command line from module globals (copies of sys.argv) and recognises its CLI by the
+    # program name, e.g. `yolo predict` saves annotated results by default: the `cli` group of revcol.hooks.HOOKS
+    # makes this, seen from there, `yolo` with our arguments.
     with contextlib.ExitStack() as stack:
-        for module in (cfg, engine_model):
-            stack.enter_context(mock.patch.object(module, "ARGV", argv))
+        stack.enter_context(hooks.applied(hooks.CLI, args=tuple(args)))
         if _env_true("YOLO_OFFLINE"):
-            stack.enter_context(offline())
+            stack.enter_context(hooks.applied(hooks.OFFLINE))
         cfg.entrypoint()
     return 0
 
@@ -218,7 +217,8 @@ def _info(argv: list[str]) -> int:
         parser.error(f"unknown variant {target!r}; choose from {', '.join(VARIANTS)} or give a model .yaml")
     names = [target] if target else list(VARIANTS)
     statuses = {entry: cache_status(entry) for name in names for entry in _published_of(name)}
-    print(variant_table(names, options.imgsz), weights_table(names, statuses), sep="\n\n")
+    tables = [variant_table(names, options.imgsz), weights_table(names, statuses)]
+    print(*tables, *([] if target else [configs_table()]), sep="\n\n")
     damaged = [(entry, problem) for entry, (state, problem) in statuses.items() if problem]
     for entry, problem in damaged:
         print(f"revcol: {problem}\n  `revcol download {entry.variant} {entry.tag}` fetches it again", file=sys.stderr)
@@ -334,6 +334,26 @@ def weights_table(names: Sequence[str], statuses: dict | None = None) -> str:
         note = "The backbones of the authors' COCO and ADE20K models: pretrained=TAG loads the backbone only."
         tables.append(_text_table(header, downstream, note))
     return "\n\n".join(tables)
+
+
+def configs_table() -> str:
+    """A text table of the model configs shipped with revcol: their head, the layers it reads, their backbone."""
+    import yaml
+
+    from revcol.contract import CONFIG_DIR, shipped_configs
+
+    rows = []
+    for name in shipped_configs():
+        d = yaml.safe_load((CONFIG_DIR / name).read_text())
+        source, _, head, _ = d["head"][-1]
+        reads = ",".join(map(str, source)) if isinstance(source, list) else str(source)
+        rows.append((name, head, reads, d["backbone"][0][2]))
+    header = ("config", "head", "reads layers", "backbone")
+    note = (
+        "Load by bare name (e.g. YOLO('yolo-revcol-sem.yaml')); layers 1-4 are the backbone's strides 4, 8, 16, 32.\n"
+        "SemanticSegment needs ultralytics>=8.4.52, Depth ultralytics>=8.4.104."
+    )
+    return _text_table(header, rows, note)
 
 
 def _text_table(header: Sequence[str], rows: Sequence[Sequence[str]], note: str) -> str:

@@ -41,7 +41,6 @@ this project's 2-core machine (``taskset -c 0``, the other core busy) and reache
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
 import os
@@ -49,7 +48,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
-from unittest import mock
 
 import numpy as np
 
@@ -182,16 +180,6 @@ def generate_dataset(
     return data_yaml
 
 
-def _fallback_font() -> Path | None:
-    """A TrueType font that is already on disk: the DejaVu Sans shipped inside matplotlib."""
-    try:
-        import matplotlib
-    except ImportError:
-        return None
-    path = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
-    return path if path.is_file() else None
-
-
 @contextlib.contextmanager
 def offline():
     """Within this block Ultralytics neither downloads a font nor talks to the network.
@@ -203,27 +191,12 @@ def offline():
       dataset is checked or a label is drawn with PIL, whatever ``YOLO_OFFLINE`` says) still uses a
       font already in that folder and otherwise answers matplotlib's DejaVu Sans, without downloading;
     * the PyPI update check and the usage analytics see Ultralytics as offline.
+
+    The attributes replaced are the ``offline`` group of ``revcol.hooks.HOOKS``.
     """
-    from ultralytics.data import utils as data_utils
-    from ultralytics.utils import checks, plotting
-    from ultralytics.utils import events as events_module
+    from revcol import hooks
 
-    original = checks.check_font
-
-    @functools.wraps(original)
-    def check_font(font: str = "Arial.ttf"):
-        # Where Ultralytics looks first. Answered here, not by calling the original: some releases cache its
-        # answers, so a font put there after an earlier miss would not be seen.
-        local = checks.USER_CONFIG_DIR / Path(font).name
-        return local if local.is_file() else _fallback_font()
-
-    with contextlib.ExitStack() as stack:
-        # The modules that imported check_font by name hold their own reference to it.
-        for owner in (checks, data_utils, plotting):
-            if getattr(owner, "check_font", None) is original:
-                stack.enter_context(mock.patch.object(owner, "check_font", check_font))
-        stack.enter_context(mock.patch.object(checks, "ONLINE", False))
-        stack.enter_context(mock.patch.object(events_module.events, "enabled", False))
+    with hooks.applied(hooks.OFFLINE):
         yield
 
 

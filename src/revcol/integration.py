@@ -1,44 +1,42 @@
-"""Ultralytics integration: one YAML line names a RevCol backbone (``docs/design.md``, section "YAML contract").
+"""RevCol in Ultralytics: the backbone layer, what Ultralytics' safe load may restore, the wrappers of its functions.
 
-``register()`` wraps a few Ultralytics functions (never copies them) and ``unregister()`` puts
-the originals back. The YAML line ``[-1, 1, revcol_small, [{options}]]`` is expanded before
-Ultralytics parses the model into five layers, so the head sees the documented indexes:
-
-    0  RevColBackbone   the backbone, returns [c0, c1, c2, c3]
-    1  Index 0          stride 4
-    2  Index 1          stride 8  (P3)
-    3  Index 2          stride 16 (P4)
-    4  Index 3          stride 32 (P5)
+The YAML row that names a backbone is expanded by ``revcol.contract``; ``revcol.hooks`` installs the wrappers
+below (``register()``). Nothing here patches anything by itself (``docs/design.md``, section "YAML contract").
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import importlib.metadata
 import pickle
 import re
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from timm.layers import DropPath, LayerNorm, LayerNorm2d
 
+from revcol.contract import (
+    BACKBONE_LAYERS,
+    CONFIG_DIR,
+    CUSTOM_NAME,
+    CUSTOM_OPTIONS,
+    VARIANT_OPTIONS,
+    custom_options_error,
+    expand_backbone,
+    head_modules,
+    missing_custom_options,
+    names_revcol_backbone,
+)
 from revcol.errors import ConfigError
 from revcol.lr_decay import check_lr_decay
 from revcol.model import ConvNextBlock, FullNet, Fusion, Level, SubNet, UpSample
-from revcol.variants import VARIANTS, backbone_options, get_variant, load_weights
+from revcol.variants import backbone_options, get_variant, load_weights
 
-CONFIG_DIR = Path(__file__).parent / "configs"
-CUSTOM_NAME = "revcol"
-BACKBONE_NAMES = frozenset({CUSTOM_NAME, *VARIANTS})
-BACKBONE_LAYERS = 5  # the backbone module and one Index per level
-VARIANT_OPTIONS = frozenset({"pretrained", "save_memory", "drop_path", "kernel_size", "lr_decay"})
-CUSTOM_OPTIONS = VARIANT_OPTIONS | {"channels", "layers", "num_subnet", "level0_from_coarsest"}
+__all__ = ["CHECKPOINT_CLASSES", "CONFIG_DIR", "RevColBackbone", "checkpoint_classes_allowed", "supported_ultralytics"]
 
 
 class RevColBackbone(FullNet):
@@ -60,12 +58,9 @@ class RevColBackbone(FullNet):
         pretrained = options.pop("pretrained", None)
         lr_decay = check_lr_decay(options.pop("lr_decay", None))  # read by the RevCol trainers
         if name == CUSTOM_NAME:
-            missing = sorted({"channels", "layers", "num_subnet"} - set(options))
+            missing = missing_custom_options(options)
             if missing:
-                raise ConfigError(
-                    f"a custom 'revcol' backbone needs channels, layers and num_subnet; missing {missing} "
-                    "(e.g. {channels: [16, 32, 64, 128], layers: [1, 1, 1, 1], num_subnet: 2})"
-                )
+                raise custom_options_error(missing)
             config = {"drop_path": 0.0, **options}
         else:
             config = get_variant(name).fullnet_kwargs(**options)
@@ -73,89 +68,6 @@ class RevColBackbone(FullNet):
         self.variant = name
         self.lr_decay = lr_decay
         load_weights(self, None if name == CUSTOM_NAME else name, pretrained)
-
-
-def expand_backbone(d: dict) -> dict:
-    """Rewrite a model dict whose first backbone row names a RevCol backbone into the five-layer form."""
-    backbone = d.get("backbone") or []
-    _check_placement(backbone, d.get("head") or [])
-    if not (backbone and _is_revcol_row(backbone[0])):
-        return d
-    source, repeats, name, args = backbone[0]
-    if source != -1 or repeats != 1:
-        raise ConfigError(f"the RevCol backbone row must read [-1, 1, {name}, [...]], got {backbone[0]}")
-    options = _parse_options(name, args)
-    channels = options["channels"] if name == CUSTOM_NAME else get_variant(name).channels
-    if not (isinstance(channels, (list, tuple)) and len(channels) == 4):
-        raise ConfigError(f"RevCol option channels must be 4 ints, got {channels!r}")
-    expanded = [[-1, 1, RevColBackbone.__name__, [name, options]]]
-    expanded += [[0, 1, "Index", [c, level]] for level, c in enumerate(channels)]
-    d["backbone"] = expanded + backbone[1:]
-    _check_sources(d["backbone"] + d.get("head", []))
-    return d
-
-
-def without_pretrained(d: dict) -> dict:
-    """A copy of model dict ``d`` whose RevCol backbone row loads no pretrained weights.
-
-    For a model that gets trained weights right after it is built (fine-tuning or resuming from a ``.pt``):
-    the ImageNet file named in its YAML is then neither needed nor read.
-    """
-    d = copy.deepcopy(d)
-    for row in d.get("backbone") or []:
-        if _is_revcol_row(row) and row[3] and isinstance(row[3][0], Mapping):
-            row[3][0].pop("pretrained", None)
-    return d
-
-
-def names_revcol_backbone(d: dict) -> bool:
-    """Whether model dict ``d`` has a RevCol backbone row."""
-    return any(_is_revcol_row(row) for row in d.get("backbone") or [])
-
-
-def _check_placement(backbone: list, head: list) -> None:
-    """A RevCol row takes the image, so the first backbone row is the only place for it."""
-    misplaced = [f"backbone row {i} {row}" for i, row in enumerate(backbone) if i and _is_revcol_row(row)]
-    misplaced += [f"head row {i} {row}" for i, row in enumerate(head) if _is_revcol_row(row)]
-    if misplaced:
-        raise ConfigError(
-            f"a RevCol backbone must be the first backbone row (it takes the image); found at {'; '.join(misplaced)}"
-        )
-
-
-def _is_revcol_row(row: Any) -> bool:
-    """Rows naming ``revcol*``; an unknown ``revcol_*`` name fails here with the list of known ones."""
-    if not (isinstance(row, (list, tuple)) and len(row) == 4 and isinstance(row[2], str)):
-        return False
-    name = row[2]
-    if name.lower().startswith(CUSTOM_NAME) and name not in BACKBONE_NAMES and name != RevColBackbone.__name__:
-        raise ConfigError(
-            f"unknown RevCol backbone {name!r} in model YAML; known: {', '.join(sorted(BACKBONE_NAMES))} "
-            f"({CUSTOM_NAME!r} takes a custom configuration)"
-        )
-    return name in BACKBONE_NAMES
-
-
-def _parse_options(name: str, args: Any) -> dict:
-    if args is None or (isinstance(args, list) and not args):
-        return {}
-    if isinstance(args, list) and len(args) == 1 and isinstance(args[0], Mapping):
-        return dict(args[0])
-    raise ConfigError(
-        f"RevCol backbone {name!r} takes [] or one mapping of options, e.g. "
-        f"[{{pretrained: revcol_small_1k.pth, save_memory: true, drop_path: 0.2}}], got {args!r}"
-    )
-
-
-def _check_sources(rows: list) -> None:
-    """Every 'from' index must name an earlier layer; layer 0 (the list output) only feeds the Index rows."""
-    layout = "RevCol backbone layers: 0 backbone (list), 1 stride 4, 2 stride 8, 3 stride 16, 4 stride 32"
-    for i, row in enumerate(rows[BACKBONE_LAYERS:], start=BACKBONE_LAYERS):
-        for source in row[0] if isinstance(row[0], list) else [row[0]]:
-            if not isinstance(source, int) or not -i <= source < i:
-                raise ConfigError(f"layer {i} {row} takes input from layer {source}, which does not exist. {layout}")
-            if source % i == 0 and row[2] != "Index":
-                raise ConfigError(f"layer {i} {row} takes the backbone's list output (layer 0); use 1-4. {layout}")
 
 
 def supported_ultralytics() -> str:
@@ -245,126 +157,40 @@ def checkpoint_classes_allowed() -> Iterator[None]:
                 _SCOPE.__exit__(None, None, None)
 
 
-@dataclass
-class _Patch:
-    owner: Any
-    name: str
-    original: Any  # owner.__dict__[name] before register(); _MISSING if it had none
-    installed: Any
+# Heads that Ultralytics added after the oldest release revcol supports, and the release that added each: a RevCol
+# model naming one on an older release gets that version in the error rather than Ultralytics' bare KeyError.
+HEADS_SINCE = {"SemanticSegment": "8.4.52", "Depth": "8.4.104"}
 
 
-class _Switch:
-    """On while the registration that made a set of wrappers is in effect."""
+def check_heads(d: dict) -> None:
+    """Refuse a model dict whose head this Ultralytics does not have yet, naming the release that has it."""
+    import ultralytics
+    from ultralytics.utils.checks import check_version
 
-    on = True
-
-
-_MISSING = object()
-_lock = threading.RLock()
-_patches: list[_Patch] = []
-_switch = _Switch()
-
-
-def _set(owner: Any, name: str, value: Any) -> None:
-    _patches.append(_Patch(owner, name, owner.__dict__.get(name, _MISSING), value))
-    setattr(owner, name, value)
-
-
-def _guarded(switch: _Switch, original: Callable, wrapper: Callable) -> Callable:
-    """``wrapper`` while ``switch`` is on, ``original`` after it: a wrapper that unregister() had to leave in place
-    (someone wrapped it in turn) then passes calls straight through."""
-
-    @functools.wraps(original)
-    def call(*args: Any, **kwargs: Any) -> Any:
-        return (wrapper if switch.on else original)(*args, **kwargs)
-
-    return call
-
-
-def is_registered() -> bool:
-    """Whether ``register()`` is in effect."""
-    return bool(_patches)
-
-
-def register() -> None:
-    """Make the RevCol backbones nameable in Ultralytics YAMLs and loadable by its safe load. Idempotent, thread-safe.
-
-    torch's weights-only allow-list is left as it is: the RevCol classes are allowed only while Ultralytics'
-    restricted load (``ULTRALYTICS_SAFE_LOAD=true``) runs, see ``checkpoint_classes_allowed``.
-    """
-    with _lock:
-        if _patches:
-            return
-        import ultralytics
-        from ultralytics.utils.checks import check_version
-
-        supported = supported_ultralytics()
-        if not check_version(ultralytics.__version__, supported):
-            raise RuntimeError(
-                f"revcol supports ultralytics {supported}; found {ultralytics.__version__}. "
-                f"Install a supported release: pip install 'ultralytics{supported}'"
+    for name in head_modules(d):
+        since = HEADS_SINCE.get(name)
+        if since and not check_version(ultralytics.__version__, f">={since}"):
+            raise ConfigError(
+                f"head {name!r} needs ultralytics>={since}; this is ultralytics {ultralytics.__version__}. "
+                f"Upgrade: pip install 'ultralytics>={since}'"
             )
-        try:
-            _install()
-        except BaseException:
-            unregister()
-            raise
 
 
-def _install() -> None:
-    from ultralytics.engine.model import Model
-    from ultralytics.nn import tasks
+def wrap_parse_model(parse_model: Callable) -> Callable:
+    """``parse_model`` on the expanded model dict (``revcol.contract.expand_backbone``)."""
 
-    from revcol import trainers
-
-    global _switch
-    _switch = switch = _Switch()
-
-    def wrap(owner: Any, name: str, make: Callable[[Callable], Callable], as_static: bool = False) -> None:
-        original = getattr(owner, name)
-        guarded = _guarded(switch, original, make(original))
-        _set(owner, name, staticmethod(guarded) if as_static else guarded)
-
-    _set(tasks, RevColBackbone.__name__, RevColBackbone)
-    wrap(tasks, "parse_model", _wrap_parse_model)
-    wrap(tasks, "check_yaml", _wrap_check_yaml)
-    wrap(tasks.BaseModel, "predict", _wrap_predict)
-    wrap(tasks.RTDETRDetectionModel, "predict", _wrap_predict)
-    wrap(Model, "_smart_load", trainers.wrap_smart_load)
-    for owner, name, make in trainers.hooks():  # every trainer, user subclasses too
-        wrap(owner, name, make)
-    # The one context manager every restricted load of both supported releases enters (torch_safe_load calls it,
-    # whichever module a caller imported torch_safe_load from); a classmethod, so the wrapper is a staticmethod.
-    wrap(tasks._SafeLoad, "loading", _wrap_safe_loading, as_static=True)
-
-
-def unregister() -> None:
-    """Undo ``register()``: each attribute it set gets its previous value back (by identity). Thread-safe.
-
-    An attribute someone else replaced after ``register()`` (say, by wrapping the RevCol wrapper) keeps their
-    value; the RevCol wrapper inside it then passes calls through unchanged.
-    """
-    with _lock:
-        _switch.on = False
-        while _patches:
-            patch = _patches.pop()
-            if patch.owner.__dict__.get(patch.name, _MISSING) is not patch.installed:
-                continue
-            if patch.original is _MISSING:
-                delattr(patch.owner, patch.name)
-            else:
-                setattr(patch.owner, patch.name, patch.original)
-
-
-def _wrap_parse_model(parse_model: Callable) -> Callable:
     @functools.wraps(parse_model)
     def wrapper(d, ch, verbose=True):
+        if names_revcol_backbone(d):
+            check_heads(d)
         return parse_model(expand_backbone(d), ch, verbose)
 
     return wrapper
 
 
-def _wrap_check_yaml(check_yaml: Callable) -> Callable:
+def wrap_check_yaml(check_yaml: Callable) -> Callable:
+    """``check_yaml`` that finds the shipped configs by bare name (when no such file is in the working folder)."""
+
     @functools.wraps(check_yaml)
     def wrapper(file, *args, **kwargs):
         shipped = CONFIG_DIR / str(file)
@@ -375,7 +201,7 @@ def _wrap_check_yaml(check_yaml: Callable) -> Callable:
     return wrapper
 
 
-def _wrap_predict(predict: Callable) -> Callable:
+def wrap_predict(predict: Callable) -> Callable:
     """Embedding a RevCol backbone layer (its output is a list) means embedding its four levels."""
 
     @functools.wraps(predict)
@@ -388,7 +214,7 @@ def _wrap_predict(predict: Callable) -> Callable:
     return wrapper
 
 
-def _wrap_safe_loading(loading: Callable) -> Callable:
+def wrap_safe_loading(loading: Callable) -> Callable:
     """Ultralytics' restricted load with the RevCol classes allowed for its duration only."""
 
     @contextlib.contextmanager

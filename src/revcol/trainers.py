@@ -1,13 +1,16 @@
 """What every Ultralytics trainer does differently for a model with a RevCol backbone (``docs/design.md``).
 
-``register()`` installs the ``hooks()``: ``BaseTrainer.build_optimizer`` and the ``get_model`` of each task
-trainer are wrapped, so Ultralytics' trainers, the RevCol ones and any user subclass of them
+``revcol.hooks`` installs the wrappers below on Ultralytics' trainers, so Ultralytics' own, the RevCol ones and
+any user subclass of them
 
 * keep column alphas, layer-scale gammas and norms out of weight decay,
-* apply the backbone's layer-wise lr decay (option ``lr_decay``, see ``revcol.lr_decay``), and
-* build a model that is about to receive trained weights without its ``pretrained`` option.
+* apply the backbone's layer-wise lr decay (option ``lr_decay``, see ``revcol.lr_decay``),
+* build a model that is about to receive trained weights without its ``pretrained`` option, and
+* write ``last.pt`` and ``best.pt`` atomically.
 
-For models with a RevCol backbone ``Model._smart_load`` answers the RevCol trainer classes below. They add no
+For models with a RevCol backbone ``Model._smart_load`` answers a RevCol trainer class: one per Ultralytics trainer
+class (``RevColDetectionTrainer`` for ``DetectionTrainer``, ``RevColDepthTrainer`` for ``DepthTrainer``, ...), made
+here from the trainers Ultralytics defines, so a task it adds is covered without a list to update. They add no
 behaviour; they give the trainer an import path inside this package, so an Ultralytics DDP worker, which imports
 the trainer class (8.4.67: ``from revcol.trainers import ...``; 8.4.190: by unpickling it), imports ``revcol``
 and so registers the backbones and these hooks before it builds the model or the optimizer.
@@ -16,6 +19,10 @@ and so registers the backbones and these hooks before it builds the model or the
 from __future__ import annotations
 
 import functools
+import glob
+import os
+import secrets
+import threading
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -24,18 +31,16 @@ from typing import Any
 import torch
 from torch import nn
 from ultralytics.engine.trainer import BaseTrainer
-from ultralytics.models.rtdetr.train import RTDETRTrainer
-from ultralytics.models.yolo.classify import ClassificationTrainer
-from ultralytics.models.yolo.detect import DetectionTrainer
-from ultralytics.models.yolo.obb import OBBTrainer
-from ultralytics.models.yolo.pose import PoseTrainer
-from ultralytics.models.yolo.segment import SegmentationTrainer
 from ultralytics.nn.tasks import yaml_model_load
-from ultralytics.utils import dist
 
-from revcol.integration import names_revcol_backbone, without_pretrained
+from revcol.contract import names_revcol_backbone, without_pretrained
+from revcol.hooks import subclasses_in
+from revcol.integration import check_heads
 from revcol.lr_decay import check_lr_decay, lr_scale
 from revcol.model import ConvNextBlock, FullNet, SubNet
+
+# Importing it imports every task package, and with them every trainer class Ultralytics defines.
+TRAINER_PACKAGE = "ultralytics.models"
 
 
 def no_decay_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -144,41 +149,41 @@ def _without_pretrained(cfg: dict | str) -> dict | str:
 
 
 class RevColTrainerMixin:
-    """Marks the RevCol trainer classes; the behaviour itself comes from ``hooks()``, for every trainer alike."""
+    """Marks the RevCol trainer classes; the behaviour itself comes from the hooks, for every trainer alike."""
 
 
-class RevColDetectionTrainer(RevColTrainerMixin, DetectionTrainer):
-    """YOLO detection trainer for RevCol models."""
+def ultralytics_trainers() -> list[type]:
+    """Every trainer class Ultralytics defines: ``BaseTrainer`` and its subclasses in ``ultralytics``."""
+    return subclasses_in(BaseTrainer, TRAINER_PACKAGE)
 
 
-class RevColRTDETRTrainer(RevColTrainerMixin, RTDETRTrainer):
-    """RT-DETR trainer for RevCol models."""
+_made: dict[type, type] = {}
+_made_lock = threading.Lock()
 
 
-class RevColSegmentationTrainer(RevColTrainerMixin, SegmentationTrainer):
-    """YOLO instance segmentation trainer for RevCol models."""
+def revcol_trainer(trainer: type) -> type:
+    """The RevCol trainer class of Ultralytics trainer class ``trainer``: ``revcol.trainers.RevCol<name>``."""
+    with _made_lock:
+        if trainer not in _made:
+            name = f"RevCol{trainer.__name__}"
+            doc = f"{trainer.__name__} for models with a RevCol backbone (importable as revcol.trainers.{name})."
+            made = type(name, (RevColTrainerMixin, trainer), {"__module__": __name__, "__doc__": doc})
+            made.__qualname__ = name
+            _made[trainer] = made
+            globals()[name] = made
+        return _made[trainer]
 
 
-class RevColPoseTrainer(RevColTrainerMixin, PoseTrainer):
-    """YOLO pose trainer for RevCol models."""
+TRAINERS: dict[type, type] = {cls: revcol_trainer(cls) for cls in ultralytics_trainers() if cls is not BaseTrainer}
 
 
-class RevColOBBTrainer(RevColTrainerMixin, OBBTrainer):
-    """YOLO oriented-box trainer for RevCol models."""
-
-
-class RevColClassificationTrainer(RevColTrainerMixin, ClassificationTrainer):
-    """YOLO classification trainer for RevCol models."""
-
-
-TRAINERS: dict[type, type] = {
-    DetectionTrainer: RevColDetectionTrainer,
-    RTDETRTrainer: RevColRTDETRTrainer,
-    SegmentationTrainer: RevColSegmentationTrainer,
-    PoseTrainer: RevColPoseTrainer,
-    OBBTrainer: RevColOBBTrainer,
-    ClassificationTrainer: RevColClassificationTrainer,
-}
+def __getattr__(name: str) -> type:
+    """``RevCol<name>`` of an Ultralytics trainer defined after this module was imported (a DDP worker asks so)."""
+    if name.startswith("RevCol"):
+        for cls in ultralytics_trainers():
+            if f"RevCol{cls.__name__}" == name and cls is not BaseTrainer:
+                return revcol_trainer(cls)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 DDP_PRELUDE = "import revcol  # noqa: F401  (added by revcol: registers the RevCol backbones in this DDP worker)\n"
@@ -210,26 +215,120 @@ def trains_revcol(trainer: BaseTrainer) -> bool:
     return uses_revcol(model)
 
 
-def hooks() -> list[tuple[Any, str, Callable[[Callable], Callable]]]:
-    """``(owner, attribute, make_wrapper)`` for ``register()``: the optimizer, model and DDP-file hooks.
-
-    Each task trainer defines its own ``get_model``, so that is wrapped per class; a user subclass inherits it.
-    """
-    return [
-        (BaseTrainer, "build_optimizer", wrap_build_optimizer),
-        *((cls, "get_model", wrap_get_model) for cls in TRAINERS),
-        (dist, "generate_ddp_file", wrap_generate_ddp_file),
-    ]
-
-
 def wrap_smart_load(smart_load: Callable) -> Callable:
-    """``Model._smart_load`` that answers RevCol trainers for models with a RevCol backbone."""
+    """``Model._smart_load`` that answers RevCol trainers for models with a RevCol backbone.
+
+    A RevCol model YAML whose head this Ultralytics lacks (so it guessed no task) gets the error naming the release
+    that has the head, instead of "does not support 'wrapper' mode for 'None' task".
+    """
 
     @functools.wraps(smart_load)
     def wrapper(self, key: str):
-        loaded = smart_load(self, key)
+        try:
+            loaded = smart_load(self, key)
+        except NotImplementedError:
+            cfg = getattr(self, "cfg", None)
+            if key == "model" and isinstance(cfg, (str, Path)) and str(cfg).endswith((".yaml", ".yml")):
+                d = yaml_model_load(cfg)
+                if names_revcol_backbone(d):
+                    check_heads(d)
+            raise
         if key == "trainer" and uses_revcol(getattr(self, "model", None)):
-            return TRAINERS.get(loaded, loaded)
+            return revcol_trainer(loaded) if _is_ultralytics_trainer(loaded) else loaded
         return loaded
 
     return wrapper
+
+
+def _is_ultralytics_trainer(cls: Any) -> bool:
+    return (
+        isinstance(cls, type)
+        and issubclass(cls, BaseTrainer)
+        and cls is not BaseTrainer
+        and cls.__module__.split(".")[0] == "ultralytics"
+    )
+
+
+def wrap_save_model(save_model: Callable) -> Callable:
+    """``BaseTrainer.save_model`` that, for a RevCol model, writes ``last.pt`` and ``best.pt`` atomically.
+
+    Ultralytics writes both with ``Path.write_bytes`` in place, so a kill during the write leaves a truncated file.
+    For the duration of the call the trainer's ``last`` and ``best`` are paths whose ``write_bytes`` writes a
+    temporary file in the same folder, syncs it and renames it over the target, so the previous file stays whole
+    until the new one is complete.
+    """
+
+    @functools.wraps(save_model)
+    def wrapper(self, *args, **kwargs):
+        if not uses_revcol(getattr(self, "model", None)):
+            return save_model(self, *args, **kwargs)
+        last, best = self.last, self.best
+        self.last, self.best = AtomicPath(last), AtomicPath(best)
+        try:
+            return save_model(self, *args, **kwargs)
+        finally:
+            self.last, self.best = last, best
+
+    return wrapper
+
+
+class AtomicPath(type(Path())):
+    """A path whose ``write_bytes`` replaces the file atomically: temporary file, fsync, rename, fsync the folder."""
+
+    def write_bytes(self, data: bytes) -> int:
+        return write_atomically(Path(self), data)
+
+
+def write_atomically(path: Path, data: bytes) -> int:
+    """Write ``data`` to ``path`` so that a reader (or a kill) sees the old file or the new one, never a part of one.
+
+    The temporary file is created like any new file (mode 0666 less the umask) and named after this process, so the
+    next save removes what a killed writer left and never a file that a live process is still writing.
+    """
+    prefix = f".{path.name}."
+    temporary = path.parent / f"{prefix}{os.getpid()}.{secrets.token_hex(4)}.part"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    _fsync_folder(path.parent)
+    _sweep(path.parent, prefix)
+    return len(data)
+
+
+def _sweep(folder: Path, prefix: str) -> None:
+    """Remove the temporary files of ``prefix`` whose writing process is gone (killed during a save)."""
+    for stale in folder.glob(f"{glob.escape(prefix)}*.part"):
+        pid = stale.name[len(prefix) :].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            stale.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid() or os.name == "nt":  # on Windows os.kill(pid, 0) would terminate the process
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # someone else's process, or no way to tell: leave its file alone
+    return True
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename itself durable (POSIX); a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,179 @@
+"""Training checkpoints of a RevCol model survive a SIGKILL at any moment of a save (the trainers' atomic writes).
+
+A subprocess trains a tiny model for a few epochs. Its file writer is slowed down at one chosen moment: inside the
+chosen ``save_model`` call, the chosen binary write writes half of its bytes, makes them durable, tells the test,
+and waits; the test then kills it with SIGKILL. Ultralytics writes ``last.pt`` in place, so without revcol's hook
+that half is ``last.pt`` itself; with it the half is a temporary file and ``last.pt`` is the previous whole one.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from revcol_helpers import TINY_YOLO_YAML, revcol_env
+
+from revcol.demo import generate_dataset
+from revcol.trainers import write_atomically
+
+IMGSZ = 64
+
+TRAIN = textwrap.dedent(
+    """
+    import io, os, sys, time
+    from pathlib import Path
+
+    import revcol  # noqa: F401
+    from ultralytics import YOLO
+    from ultralytics.engine.trainer import BaseTrainer
+
+    model_yaml, data, project, signal_file, kill_save, kill_write = sys.argv[1:7]
+    kill_save, kill_write = int(kill_save), int(kill_write)
+    state = {"saves": 0, "writes": 0, "inside": False}
+    real_open, save_model = io.open, BaseTrainer.save_model
+
+    class HalfThenWait:
+        # the chosen write: half of the bytes on disk for sure, then wait for the kill
+        def __init__(self, file):
+            self.file = file
+
+        def write(self, data):
+            self.file.write(data[: len(data) // 2])
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            Path(signal_file).write_text(str(len(data)))
+            time.sleep(120)
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.__exit__(*exc)
+
+    def slow_open(file, mode="r", *args, **kwargs):
+        opened = real_open(file, mode, *args, **kwargs)
+        if state["inside"] and "w" in mode and "b" in mode:
+            state["writes"] += 1
+            if state["writes"] == kill_write:
+                return HalfThenWait(opened)
+        return opened
+
+    def counted_save(self, *args, **kwargs):
+        state["saves"] += 1
+        state["inside"], state["writes"] = state["saves"] == kill_save, 0
+        try:
+            return save_model(self, *args, **kwargs)
+        finally:
+            state["inside"] = False
+
+    io.open = slow_open  # pathlib's and os.fdopen's files both come from io.open
+    BaseTrainer.save_model = counted_save
+    YOLO(model_yaml).train(
+        data=data, epochs=4, imgsz=64, batch=4, workers=0, device="cpu", plots=False, amp=False, val=False,
+        project=project, name="train", exist_ok=True, verbose=False, nbs=4,
+    )
+    """
+)
+
+
+def train_and_kill(tmp_path: Path, kill_save: int, kill_write: int) -> Path:
+    """Train in a subprocess, SIGKILL it inside write ``kill_write`` of save ``kill_save``; returns the weights dir."""
+    data = generate_dataset(tmp_path / "data", n_train=4, n_val=2, n_test=1, imgsz=IMGSZ, seed=0)
+    (tmp_path / "model.yaml").write_text(TINY_YOLO_YAML)
+    signal_file = tmp_path / "inside-the-save"
+    args = [str(tmp_path / "model.yaml"), str(data), str(tmp_path / "runs"), str(signal_file), kill_save, kill_write]
+    process = subprocess.Popen(
+        [sys.executable, "-c", TRAIN, *map(str, args)],
+        cwd=tmp_path, env=revcol_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not signal_file.exists():
+            if process.poll() is not None:
+                pytest.fail(f"training ended before the chosen save: {process.stderr.read().decode()[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail("the chosen save never came")
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stderr.close()
+    assert process.returncode == -signal.SIGKILL
+    return tmp_path / "runs" / "train" / "weights"
+
+
+def epoch_of(path: Path) -> int:
+    return torch.load(path, map_location="cpu", weights_only=False)["epoch"]
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX signals")
+@pytest.mark.parametrize(
+    ("kill_save", "kill_write", "last_epoch", "best_epoch"),
+    [
+        (1, 1, None, None),  # the first save, writing last.pt: no checkpoint yet, and no truncated one either
+        (2, 1, 0, 0),  # the second save, writing last.pt: the first save's last.pt, whole
+        (2, 2, 1, 0),  # the second save, writing best.pt: the new last.pt, the previous best.pt
+    ],
+)
+def test_a_kill_inside_a_save_leaves_the_previous_checkpoint_whole(
+    tmp_path, kill_save, kill_write, last_epoch, best_epoch
+):
+    weights = train_and_kill(tmp_path, kill_save, kill_write)
+    for name, epoch in (("last.pt", last_epoch), ("best.pt", best_epoch)):
+        if epoch is None:
+            assert not (weights / name).exists(), name
+        else:
+            assert epoch_of(weights / name) == epoch, name  # loads: a whole checkpoint
+    assert len(list(weights.glob(".*.part"))) == 1  # the half-written temporary file of the killed process
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX signals")
+def test_resume_after_a_kill_continues_and_clears_what_the_killed_save_left(tmp_path):
+    weights = train_and_kill(tmp_path, kill_save=2, kill_write=1)
+    resume = textwrap.dedent(
+        """
+        import sys
+        import revcol  # noqa: F401
+        from ultralytics import YOLO
+        YOLO(sys.argv[1]).train(resume=True)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", resume, str(weights / "last.pt")],
+        cwd=tmp_path, env=revcol_env(tmp_path), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert list(weights.glob(".*.part")) == []  # its writer is dead: the next save removed it
+    assert torch.load(weights / "last.pt", map_location="cpu", weights_only=False)["epoch"] == -1  # final, stripped
+    assert "Resuming training" in out.stdout + out.stderr
+
+
+def test_atomic_write_replaces_whole_and_keeps_files_of_live_writers(tmp_path):
+    target = tmp_path / "last.pt"
+    target.write_bytes(b"old")
+    live = tmp_path / f".last.pt.{os.getppid()}.0000.part"  # a live process (pytest's parent) is writing this one
+    live.write_bytes(b"x")
+    assert write_atomically(target, b"new" * 1000) == 3000
+    assert target.read_bytes() == b"new" * 1000
+    assert live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "last.pt"]
+    assert oct(target.stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # like any new file, not mkstemp's 0600
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
