@@ -207,10 +207,6 @@ class SubNet(nn.Module):
         return outputs
 
 
-def _memory_format(tensor: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if tensor.dim() == 4 else torch.contiguous_format
-
-
 def _is_int(value: object) -> bool:
     # numpy integers count (Integral); True is an int to Python, not to a config
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
@@ -286,10 +282,9 @@ class FullNet(nn.Module):
             for index in range(num_subnet):
                 subnet = SubNet(channels, kernel_size, level_rates, index == 0, self.level0_from_coarsest)
                 self.add_module(f"subnet{index}", subnet)
-        # Allocate on the target device (like to_empty), 4-D weights in channels-last memory format (names
-        # and shapes unchanged): a channels-last stem weight makes the whole network run channels-last (see
-        # forward_features), and the down convolutions then need no weight reorder on each call.
-        self._apply(lambda t: torch.empty_like(t, device=device, memory_format=_memory_format(t)))
+        # Allocate on the target device (like to_empty). Parameters are contiguous, the layout every tool that
+        # flattens, shards or serialises them assumes (FSDP, safetensors, torch.distributed.checkpoint).
+        self._apply(lambda t: torch.empty_like(t, device=device, memory_format=torch.contiguous_format))
         self.init_weights()
 
     @property
@@ -317,10 +312,10 @@ class FullNet(nn.Module):
         if not torch.jit.is_tracing():
             check_input(x)
         reversible = self.save_memory and self.training and torch.is_grad_enabled()
-        # The stem's weight is channels-last, so (for any input layout) the stem output and everything
-        # after it are channels-last in memory (same logical NCHW shapes): the convolutions need no layout
-        # reorders and every NCHW <-> NHWC permute around the channels-last ops is a view, not a copy.
-        x = self.stem(x)
+        # A channels-last input makes the stem output and everything after it channels-last in memory (same
+        # logical NCHW shapes): every NCHW <-> NHWC permute around the Linear layers is then a view, not a
+        # copy. Measured faster than NCHW activations (docs/design.md, "Data path").
+        x = self.stem(x.contiguous(memory_format=torch.channels_last))
         features = None
         for subnet in self.subnets:
             features = subnet(x, features, reversible=reversible)
