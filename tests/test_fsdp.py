@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 from revcol_helpers import make_net, revcol_env
 
-from revcol import CheckpointError
-from revcol.distributed import load_checkpoint, shard
+from revcol import CheckpointError, ConfigError
+from revcol.distributed import cpu_fsdp_supported, load_checkpoint, save_checkpoint, shard
 
 WORKER = Path(__file__).resolve().parent / "fsdp_worker.py"
 TIMEOUT = 420  # seconds for one launch, all its ranks
@@ -28,6 +28,8 @@ TIMEOUT = 420  # seconds for one launch, all its ranks
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
 )
+# torch 2.6's fully_shard cannot run on CPU tensors; there, shard() must say so (test_old_torch_refuses_cpu_fsdp).
+needs_cpu_fsdp = pytest.mark.skipif(not cpu_fsdp_supported(), reason="this torch's FSDP2 does not run on the CPU")
 
 
 def _free_port() -> int:
@@ -85,6 +87,7 @@ def _check_checkpoint(out: Path) -> None:
     assert len(moments) == len(full) and any(m.abs().sum() > 0 for m in moments)
 
 
+@needs_cpu_fsdp
 def test_two_ranks_on_one_node(tmp_path):
     out = tmp_path / "out"
     port = _free_port()
@@ -97,6 +100,7 @@ def test_two_ranks_on_one_node(tmp_path):
     _check_checkpoint(out)
 
 
+@needs_cpu_fsdp
 def test_two_nodes_of_one_rank_each(tmp_path):
     out = tmp_path / "out"
     port = _free_port()
@@ -114,9 +118,15 @@ def test_two_nodes_of_one_rank_each(tmp_path):
     _check_checkpoint(out)
 
 
-def test_checkpoint_of_another_model_is_a_clear_error(tmp_path):
-    from revcol.distributed import save_checkpoint
+@pytest.mark.skipif(cpu_fsdp_supported(), reason="this torch's FSDP2 runs on the CPU (tested above)")
+def test_old_torch_refuses_cpu_fsdp():
+    model = make_net(num_subnet=2, dtype=torch.float32)
+    with pytest.raises(ConfigError, match=r"FSDP2 on the CPU does not work with torch 2\.6.*record_event"):
+        shard(model)
+    assert not any(hasattr(m, "unshard") for m in model.modules())  # nothing was sharded
 
+
+def test_checkpoint_of_another_model_is_a_clear_error(tmp_path):
     save_checkpoint(tmp_path / "ck", make_net(num_subnet=2, dtype=torch.float32))
     with pytest.raises(
         CheckpointError,
@@ -134,8 +144,6 @@ def test_checkpoint_of_another_model_is_a_clear_error(tmp_path):
 
 
 def test_shard_needs_one_backbone_and_a_valid_policy():
-    from revcol import ConfigError
-
     with pytest.raises(ConfigError, match=r"exactly one RevCol backbone \(FullNet\), found 0 in Linear"):
         shard(torch.nn.Linear(2, 2))
     with pytest.raises(ConfigError, match="mixed_precision must be True, False or a MixedPrecisionPolicy"):

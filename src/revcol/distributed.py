@@ -21,7 +21,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from revcol.errors import CheckpointError, ConfigError
 from revcol.model import FullNet
 
-__all__ = ["BF16_POLICY", "load_checkpoint", "save_checkpoint", "shard"]
+__all__ = ["BF16_POLICY", "cpu_fsdp_supported", "load_checkpoint", "save_checkpoint", "shard"]
 
 # bfloat16 compute and all-gathers; gradients reduced, and kept, in float32.
 BF16_POLICY = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -52,17 +52,29 @@ def shard(
     ``BF16_POLICY`` or a ``MixedPrecisionPolicy``. Call it after moving the model to its device and before
     building the optimizer. Returns ``model``, sharded in place.
     """
+    backbone = _backbone(model)
     if isinstance(mixed_precision, bool):
         policy = BF16_POLICY if mixed_precision else MixedPrecisionPolicy()
     elif isinstance(mixed_precision, MixedPrecisionPolicy):
         policy = mixed_precision
     else:
         raise ConfigError(f"mixed_precision must be True, False or a MixedPrecisionPolicy, got {mixed_precision!r}")
+    if not cpu_fsdp_supported() and any(p.device.type == "cpu" for p in model.parameters()):
+        raise ConfigError(
+            f"FSDP2 on the CPU does not work with torch {torch.__version__}: its fully_shard records events on "
+            "torch.cpu.Stream, which this release lacks (torch.cpu.Stream.record_event). Shard a model on CUDA, "
+            "or use a newer torch for CPU (gloo) runs."
+        )
     options = {"mesh": mesh, "mp_policy": policy, "reshard_after_forward": reshard_after_forward}
-    for column in _backbone(model).subnets:
+    for column in backbone.subnets:
         fully_shard(column, **options)
     fully_shard(model, **options)
     return model
+
+
+def cpu_fsdp_supported() -> bool:
+    """Whether this torch's ``fully_shard`` runs on CPU tensors (torch 2.6's does not: its CPU stream has no events)."""
+    return hasattr(torch.cpu.Stream, "record_event")
 
 
 def save_checkpoint(
