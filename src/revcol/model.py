@@ -312,10 +312,12 @@ class FullNet(nn.Module):
         if not torch.jit.is_tracing():
             check_input(x)
         reversible = self.save_memory and self.training and torch.is_grad_enabled()
-        # A channels-last input makes the stem output and everything after it channels-last in memory (same
-        # logical NCHW shapes): every NCHW <-> NHWC permute around the Linear layers is then a view, not a
-        # copy. Measured faster than NCHW activations (docs/design.md, "Data path").
-        x = self.stem(x.contiguous(memory_format=torch.channels_last))
+        # The patchify convolution's output is made channels-last, so everything after it is channels-last in
+        # memory (same logical NCHW shapes) and every NCHW <-> NHWC permute around the Linear layers is a view,
+        # not a copy (docs/design.md, "Data path"). Converting its output rather than the image keeps the
+        # convolution's saved input the caller's own tensor, not a second copy of the batch.
+        patchify, norm = self.stem
+        x = norm(patchify(x).contiguous(memory_format=torch.channels_last))
         features = None
         for subnet in self.subnets:
             features = subnet(x, features, reversible=reversible)
