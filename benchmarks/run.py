@@ -65,8 +65,8 @@ NOTES = [
     "- Timings come from a machine that may be shared: every comparison runs in one process and interleaves its "
     "candidates round by round and reports medians, so read the ratios, not the absolute seconds.",
     "- `FullNet` keeps its parameters contiguous (the layout FSDP, safetensors and torch.distributed.checkpoint "
-    "need) and runs its activations channels-last (the stem input is made channels-last), so its outputs are "
-    "channels-last tensors of the usual NCHW shapes.",
+    "need) and runs its activations channels-last (the patchify convolution's output is made channels-last), "
+    "so its outputs are channels-last tensors of the usual NCHW shapes.",
 ]
 
 

@@ -14,6 +14,7 @@ over a step (parameters, gradients and workspace included) and images/s; on the 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 from collections.abc import Callable
@@ -28,9 +29,17 @@ import revcol  # noqa: F401  (registers the timm models and the YAML backbone)
 DETECTION_YAMLS = {"RT-DETR RevCol-S": "rtdetr-revcol.yaml", "RT-DETR ResNet-50": "rtdetr-resnet50.yaml"}
 
 
-def _classifier_step(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _recording(recorder: SavedTensors | None) -> contextlib.AbstractContextManager:
+    return recorder.recording() if recorder is not None else contextlib.nullcontext()
+
+
+def _classifier_step(
+    model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, recorder: SavedTensors | None = None
+) -> torch.Tensor:
+    """One training step; ``recorder`` sees what forward and loss keep (backward's own recompute is not kept)."""
     model.zero_grad(set_to_none=True)
-    loss = torch.nn.functional.cross_entropy(model(x), labels)
+    with _recording(recorder):
+        loss = torch.nn.functional.cross_entropy(model(x), labels)
     loss.backward()
     return loss
 
@@ -53,17 +62,20 @@ def _detector(yaml: str) -> tasks.RTDETRDetectionModel:
     return model
 
 
-def _detection_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def _detection_step(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], recorder: SavedTensors | None = None
+) -> torch.Tensor:
     model.zero_grad(set_to_none=True)
-    loss, _ = model.loss(batch)
+    with _recording(recorder):
+        loss, _ = model.loss(batch)
     loss.backward()
     return loss
 
 
-def _kept_mb(model: torch.nn.Module, step: Callable[[], object]) -> float:
+def _kept_mb(model: torch.nn.Module, step: Callable[..., object]) -> float:
+    """MB that one step's forward and loss keep for backward (parameters excluded)."""
     recorder = SavedTensors(model)
-    with recorder.recording():
-        step()
+    step(recorder=recorder)
     return recorder.activation_bytes / MB
 
 
