@@ -120,7 +120,7 @@ def _table(
         peak = "n/a (CPU)" if row["peak"] is None else f"{row['peak']:.0f}"
         lines.append(
             f"| {name} | {row['params']:.1f} | {row['time']:.3f} | {row['time'] / ref['time']:.2f}x "
-            f"| {row['kept']:.0f} | {row['kept'] / ref['kept']:.2f}x | {peak} | {batch / row['time']:.1f} |"
+            f"| {row['kept']:.0f} | {row['kept'] / ref['kept']:.2f}x | {peak} | {batch / row['time']:.3g} |"
         )
     return lines
 
