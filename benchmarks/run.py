@@ -36,6 +36,7 @@ sys.path.insert(0, str(HERE))  # for the sibling modules, also when this file is
 from harness import QUICK, Config, Summary, machine, plot, scaling_title, summary_table  # noqa: E402
 from sections.cuda import section_cuda  # noqa: E402
 from sections.exactness import section_exactness  # noqa: E402
+from sections.footprint import section_footprint  # noqa: E402
 from sections.memory import section_memory  # noqa: E402
 from sections.scaling import section_scaling  # noqa: E402
 from sections.speed import section_construction, section_eval, section_train  # noqa: E402
@@ -46,6 +47,7 @@ SECTIONS = {
     "construction": section_construction,
     "exactness": section_exactness,
     "memory": section_memory,
+    "footprint": section_footprint,
     "train": section_train,
     "eval": section_eval,
     "scaling": section_scaling,
@@ -62,9 +64,9 @@ NOTES = [
     "faster than the baseline) were not reached; rev / plain and ckpt / plain are reported as information.",
     "- Timings come from a machine that may be shared: every comparison runs in one process and interleaves its "
     "candidates round by round and reports medians, so read the ratios, not the absolute seconds.",
-    "- `FullNet` runs channels-last in memory (its conv weights are allocated channels-last; parameter names "
-    "and shapes are those of the authors' checkpoints), so its outputs are channels-last tensors of the usual "
-    "NCHW shapes.",
+    "- `FullNet` keeps its parameters contiguous (the layout FSDP, safetensors and torch.distributed.checkpoint "
+    "need) and runs its activations channels-last (the patchify convolution's output is made channels-last), "
+    "so its outputs are channels-last tensors of the usual NCHW shapes.",
 ]
 
 

@@ -44,9 +44,11 @@ def test_quick_run_writes_a_table_and_a_plot(bench, tmp_path):
         torch.set_num_threads(threads)
     assert results.read_text() == text
     assert "| metric | goal | measured | met |" in text
-    for section in ("construction", "exactness", "memory", "train", "eval", "scaling", "compile", "profile", "cuda"):
+    sections = ("construction", "exactness", "memory", "footprint", "train", "eval", "scaling", "compile", "profile")
+    for section in (*sections, "cuda"):
         assert f"### {section}" in text
-    for row in ("fp32 grad rel. error", "saved MB, reversible", "train step: baseline rev / ours rev", "eval 64x64"):
+    rows = ("fp32 grad rel. error", "saved MB, reversible", "train step: baseline rev / ours rev", "eval 64x64")
+    for row in (*rows, "revcol_tiny rev vs convnext_tiny", "RT-DETR RevCol-S rev vs ResNet-50"):
         assert row in text
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

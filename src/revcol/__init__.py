@@ -10,7 +10,7 @@ import warnings
 
 from revcol.errors import CheckpointError, ConfigError, InputError, RevColError
 from revcol.model import ConvNextBlock, FullNet, Fusion, Level, SubNet, UpSample
-from revcol.pretrained import LoadResult, load_pretrained
+from revcol.pretrained import LoadResult, load_pretrained, save_backbone
 from revcol.reversible import ReverseFunction
 from revcol.timm_models import RevColClassifier, load_classifier_weights
 from revcol.variants import (
@@ -68,5 +68,6 @@ __all__ = [
     "revcol_small",
     "revcol_tiny",
     "revcol_xlarge",
+    "save_backbone",
     "unregister",
 ]

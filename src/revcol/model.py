@@ -236,10 +236,6 @@ def trunc_normal_(tensor: torch.Tensor, std: float, a: float, b: float) -> torch
     return tensor
 
 
-def _memory_format(tensor: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if tensor.dim() == 4 else torch.contiguous_format
-
-
 def _is_int(value: object) -> bool:
     # numpy integers count (Integral); True is an int to Python, not to a config
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
@@ -342,10 +338,9 @@ class FullNet(nn.Module):
             for index in range(num_subnet):
                 subnet = SubNet(channels, kernel_size, level_rates, index == 0, self.level0_from_coarsest)
                 self.add_module(f"subnet{index}", subnet)
-        # Allocate on the target device (like to_empty), 4-D weights in channels-last memory format (names
-        # and shapes unchanged): a channels-last stem weight makes the whole network run channels-last (see
-        # forward_features), and the down convolutions then need no weight reorder on each call.
-        self._apply(lambda t: torch.empty_like(t, device=device, memory_format=_memory_format(t)))
+        # Allocate on the target device, uninitialised. Parameters are contiguous, the layout every tool that
+        # flattens, shards or serialises them assumes (FSDP, safetensors, torch.distributed.checkpoint).
+        self.to_empty(device=device)
         self.init_weights()
 
     @property
@@ -373,10 +368,12 @@ class FullNet(nn.Module):
         if not torch.jit.is_tracing():
             check_input(x)
         reversible = self.save_memory and self.training and torch.is_grad_enabled()
-        # The stem's weight is channels-last, so (for any input layout) the stem output and everything
-        # after it are channels-last in memory (same logical NCHW shapes): the convolutions need no layout
-        # reorders and every NCHW <-> NHWC permute around the channels-last ops is a view, not a copy.
-        x = self.stem(x)
+        # The patchify convolution's output is made channels-last, so everything after it is channels-last in
+        # memory (same logical NCHW shapes) and every NCHW <-> NHWC permute around the Linear layers is a view,
+        # not a copy (docs/design.md, "Data path"). Converting its output rather than the image keeps the
+        # convolution's saved input the caller's own tensor, not a second copy of the batch.
+        patchify, norm = self.stem
+        x = norm(patchify(x).contiguous(memory_format=torch.channels_last))
         features = None
         for subnet in self.subnets:
             features = subnet(x, features, reversible=reversible)

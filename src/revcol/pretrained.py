@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import stat
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import safetensors
+import safetensors.torch
 import torch
 from torch import nn
 
 from revcol.errors import CheckpointError
+from revcol.model import FullNet
 
 BACKBONE_PREFIXES = ("stem.", "subnet")
 DETECTOR_PREFIX = "backbone."  # where mmdet detectors (the authors' COCO files) keep the backbone
 WRAPPER_KEYS = ("model", "state_dict")
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save (default format)
 PICKLE_MAGIC = b"\x80"  # torch.save(_use_new_zipfile_serialization=False): a pickle, protocol >= 2
+SAFETENSORS_SUFFIX = ".safetensors"
 
 
 @dataclass
@@ -30,9 +36,11 @@ class LoadResult:
 
 
 def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, torch.Tensor]:
-    """Read a checkpoint (``~`` expanded) with ``weights_only=True``; its state dict without ``module.`` prefixes.
+    """Read a checkpoint (``~`` expanded); its state dict without ``module.`` prefixes.
 
-    ``mmap``: map the tensors of a zip-format file instead of reading them (to check a file cheaply).
+    A ``torch.save`` file is read with ``weights_only=True``, a safetensors file (``save_for_hf``, the Hugging
+    Face Hub, ``save_backbone``) with ``safetensors.torch.load_file``; the format is told by the content.
+    ``mmap``: map the tensors of a zip-format torch file instead of reading them (to check a file cheaply).
     """
     path = Path(path).expanduser()
     try:
@@ -48,16 +56,23 @@ def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, torch.Ten
         raise CheckpointError(f"{path} is {describe_kind(path)}, not a regular file: a checkpoint is a file")
     try:
         with path.open("rb") as file:
-            head = file.read(len(ZIP_MAGIC))
+            head = file.read(9)
     except OSError as error:  # unreadable for this user, say
         raise CheckpointError(f"cannot read {path}: {error.strerror or error}") from None
+    if _is_safetensors(head, os.stat(path).st_size):
+        return _strip_module(_read_safetensors(path))
     if not head.startswith((ZIP_MAGIC, PICKLE_MAGIC)):
-        kind = "an empty file" if not head else f"a file starting with {head!r}"
+        kind = "an empty file" if not head else f"a file starting with {head[: len(ZIP_MAGIC)]!r}"
         raise CheckpointError(
-            f"{path} is not a PyTorch checkpoint: torch.save writes a zip archive or a pickle, this is {kind}"
+            f"{path} is not a PyTorch checkpoint: torch.save writes a zip archive or a pickle, a safetensors file "
+            f"starts with its header's length and '{{'; this is {kind}"
         )
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and head.startswith(ZIP_MAGIC))
+        if mmap and head.startswith(ZIP_MAGIC):  # mapping needs the path
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        else:  # a file object: recent torch sends a path ending in .safetensors to its safetensors reader
+            with path.open("rb") as file:
+                obj = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path} was refused by weights-only loading ({_unpickler_reason(e)}): it is corrupt or holds objects "
@@ -78,7 +93,28 @@ def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, torch.Ten
         raise CheckpointError(
             f"{path} holds no state dict: expected a dict of tensors, at top level or under {' / '.join(WRAPPER_KEYS)}"
         )
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    return _strip_module(obj)
+
+
+def _strip_module(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _is_safetensors(head: bytes, size: int) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then that many bytes of JSON (an object)."""
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    (header_length,) = struct.unpack("<Q", head[:8])
+    return header_length <= size - 8
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return safetensors.torch.load_file(path, device="cpu")
+    except (safetensors.SafetensorError, json.JSONDecodeError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file (truncated or corrupt): {type(e).__name__}: {e}"
+        ) from None
 
 
 def read_backbone(path: str | Path, mmap: bool = False) -> dict[str, torch.Tensor]:
@@ -132,6 +168,13 @@ def check_backbone_state(own: Mapping[str, torch.Tensor], state: Mapping[str, to
             raise CheckpointError(
                 f"{path}: shape mismatch for {key}: checkpoint {tuple(state[key].shape)}, model {tuple(value.shape)}"
             )
+        # Any floating-point precision is converted on copy (float64 or bfloat16 files load into a float32
+        # model); an integer or bool tensor in place of a weight is a file of something else.
+        if state[key].dtype != value.dtype and not (state[key].is_floating_point() and value.is_floating_point()):
+            raise CheckpointError(
+                f"{path}: dtype mismatch for {key}: checkpoint {state[key].dtype}, model {value.dtype} "
+                "(a floating-point tensor of any precision is accepted for a floating-point weight)"
+            )
 
 
 def describe_kind(path: str | Path) -> str:
@@ -149,6 +192,34 @@ def describe_kind(path: str | Path) -> str:
         (stat.S_ISLNK, "a broken symbolic link"),
     ]
     return next((name for test, name in kinds if test(mode)), "a regular file")
+
+
+def save_backbone(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write the RevCol backbone inside ``model`` to ``path``, in the key layout ``load_pretrained`` reads.
+
+    ``model`` is a ``FullNet`` or any module holding exactly one (a timm ``RevColClassifier``, an Ultralytics
+    model or its ``YOLO`` / ``RTDETR`` wrapper with a RevCol backbone). A ``.safetensors`` path writes a safetensors
+    file, any other a ``torch.save`` file; either holds only ``stem.*`` and ``subnet*`` tensors, on the CPU.
+    """
+    backbones = [m for m in model.modules() if isinstance(m, FullNet)]
+    # a FullNet holds no FullNet, so exactly one found means one backbone
+    if len(backbones) != 1:
+        raise CheckpointError(
+            f"save_backbone needs a module holding exactly one RevCol backbone (FullNet), found {len(backbones)} "
+            f"in {type(model).__name__}"
+        )
+    state = {
+        k: v.detach().to("cpu", copy=True).contiguous()
+        for k, v in backbones[0].state_dict().items()
+        if k.startswith(BACKBONE_PREFIXES)
+    }
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == SAFETENSORS_SUFFIX:
+        safetensors.torch.save_file(state, path, metadata={"format": "pt"})
+    else:
+        torch.save(state, path)
+    return path
 
 
 def _head(keys: list[str], n: int = 5) -> str:
