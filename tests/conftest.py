@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from revcol_helpers import WeightsServer
+from revcol_helpers import WeightsServer, make_net
 
 
 @pytest.fixture
@@ -34,3 +34,15 @@ def server() -> Iterator[WeightsServer]:
     httpd.shutdown()
     httpd.server_close()
     thread.join(timeout=5)
+
+
+@pytest.fixture
+def source():
+    """A small RevCol with non-trivial weights, whose state dict the test's checkpoints hold."""
+    return make_net(num_subnet=2, dtype=torch.float32, seed=11)
+
+
+@pytest.fixture
+def target():
+    """A model of the same configuration as ``source``, with other (freshly initialised) weights."""
+    return make_net(num_subnet=2, dtype=torch.float32, seed=12, randomize=False)

@@ -25,17 +25,6 @@ HEAD_KEYS = {
 }
 
 
-@pytest.fixture
-def source():
-    """A model with non-trivial weights, whose state dict the checkpoints hold."""
-    return make_net(num_subnet=2, dtype=torch.float32, seed=11)
-
-
-@pytest.fixture
-def target():
-    return make_net(num_subnet=2, dtype=torch.float32, seed=12, randomize=False)
-
-
 def _detector(backbone: dict) -> dict:
     return {f"backbone.{k}": v for k, v in backbone.items()}
 

@@ -15,16 +15,6 @@ from revcol import CheckpointError, FullNet, VariantSpec, load_pretrained, save_
 TINY_CLASSIFIER = {"channels": TINY_CHANNELS, "layers": (1, 1, 1, 1), "num_subnet": 2}
 
 
-@pytest.fixture
-def source():
-    return make_net(num_subnet=2, dtype=torch.float32, seed=11)
-
-
-@pytest.fixture
-def target():
-    return make_net(num_subnet=2, dtype=torch.float32, seed=12, randomize=False)
-
-
 def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
     sa, sb = a.state_dict(), b.state_dict()
     assert list(sa) == list(sb)
