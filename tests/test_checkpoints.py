@@ -27,15 +27,17 @@ IMGSZ = 64
 
 TRAIN = textwrap.dedent(
     """
-    import io, os, sys, time
+    import inspect, io, os, sys, time
     from pathlib import Path
+
+    import torch
 
     import revcol  # noqa: F401
     from ultralytics import YOLO
     from ultralytics.engine.trainer import BaseTrainer
 
-    model_yaml, data, project, signal_file, kill_save, kill_write = sys.argv[1:7]
-    kill_save, kill_write = int(kill_save), int(kill_write)
+    model_yaml, data, project, signal_file, kill_save, kill_write, kill_strip = sys.argv[1:8]
+    kill_save, kill_write, kill_strip = int(kill_save), int(kill_write), int(kill_strip)
     state = {"saves": 0, "writes": 0, "inside": False}
     real_open, save_model = io.open, BaseTrainer.save_model
 
@@ -76,6 +78,17 @@ TRAIN = textwrap.dedent(
         finally:
             state["inside"] = False
 
+    real_save = torch.save
+
+    def slow_save(obj, f, *args, **kwargs):
+        # the final rewrite of last.pt (Ultralytics' strip_optimizer): half of its bytes to the file it names, then wait
+        if not kill_strip or not any(frame.function == "strip_optimizer" for frame in inspect.stack()[1:4]):
+            return real_save(obj, f, *args, **kwargs)
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        HalfThenWait(real_open(f, "wb")).write(buffer.getvalue())
+
+    torch.save = slow_save
     io.open = slow_open  # pathlib's and os.fdopen's files both come from io.open
     BaseTrainer.save_model = counted_save
     YOLO(model_yaml).train(
@@ -86,12 +99,14 @@ TRAIN = textwrap.dedent(
 )
 
 
-def train_and_kill(tmp_path: Path, kill_save: int, kill_write: int) -> Path:
-    """Train in a subprocess, SIGKILL it inside write ``kill_write`` of save ``kill_save``; returns the weights dir."""
+def train_and_kill(tmp_path: Path, kill_save: int, kill_write: int, kill_strip: bool = False) -> Path:
+    """Train in a subprocess, SIGKILL it inside write ``kill_write`` of save ``kill_save`` (or, with ``kill_strip``,
+    inside the final rewrite of ``last.pt`` after the last epoch); returns the weights dir."""
     data = generate_dataset(tmp_path / "data", n_train=4, n_val=2, n_test=1, imgsz=IMGSZ, seed=0)
     (tmp_path / "model.yaml").write_text(TINY_YOLO_YAML)
     signal_file = tmp_path / "inside-the-save"
     args = [str(tmp_path / "model.yaml"), str(data), str(tmp_path / "runs"), str(signal_file), kill_save, kill_write]
+    args.append(int(kill_strip))
     process = subprocess.Popen(
         [sys.executable, "-c", TRAIN, *map(str, args)],
         cwd=tmp_path, env=revcol_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -138,6 +153,14 @@ def test_a_kill_inside_a_save_leaves_the_previous_checkpoint_whole(
         else:
             assert epoch_of(weights / name) == epoch, name  # loads: a whole checkpoint
     assert len(list(weights.glob(".*.part"))) == 1  # the half-written temporary file of the killed process
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX signals")
+def test_a_kill_inside_the_final_rewrite_leaves_the_last_epochs_checkpoint_whole(tmp_path):
+    weights = train_and_kill(tmp_path, kill_save=0, kill_write=0, kill_strip=True)
+    assert epoch_of(weights / "last.pt") == 3  # the 4th epoch's save, whole, with its optimizer state
+    assert epoch_of(weights / "best.pt") == 3  # not rewritten yet: the 4th save's, whole
+    assert len(list(weights.glob(".last.pt.*.part"))) == 1  # the half-written rewrite
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX signals")

@@ -64,6 +64,8 @@ HOOKS: tuple[Hook, ...] = (
          "a model about to get trained weights is built without its pretrained file",
          subclasses="ultralytics.models"),
     Hook(TRAINER, "save_model", "revcol.trainers:wrap_save_model", "last.pt and best.pt written atomically"),
+    Hook("ultralytics.engine.trainer", "strip_optimizer", "revcol.trainers:wrap_strip_optimizer",
+         "the final rewrite of last.pt and best.pt atomic too"),
     Hook("ultralytics.utils.dist", "generate_ddp_file", "revcol.trainers:wrap_generate_ddp_file",
          "the DDP worker file of a RevCol run imports revcol first"),
     Hook("ultralytics.utils.checks", "check_font", "revcol.hooks:local_font",

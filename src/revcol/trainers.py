@@ -285,21 +285,54 @@ def write_atomically(path: Path, data: bytes) -> int:
     The temporary file is created like any new file (mode 0666 less the umask) and named after this process, so the
     next save removes what a killed writer left and never a file that a live process is still writing.
     """
-    prefix = f".{path.name}."
-    temporary = path.parent / f"{prefix}{os.getpid()}.{secrets.token_hex(4)}.part"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
+
+    def write(temporary: Path) -> None:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         with os.fdopen(fd, "wb") as file:
             file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
+
+    replace_atomically(path, write)
+    return len(data)
+
+
+def replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """Let ``write`` create a temporary file beside ``path``, sync it, and rename it over ``path``; sync the folder."""
+    prefix = f".{path.name}."
+    temporary = path.parent / f"{prefix}{os.getpid()}.{secrets.token_hex(4)}.part"
+    try:
+        write(temporary)
+        fd = os.open(temporary, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
     _fsync_folder(path.parent)
     _sweep(path.parent, prefix)
-    return len(data)
+
+
+def wrap_strip_optimizer(strip_optimizer: Callable) -> Callable:
+    """Ultralytics' last rewrite of ``last.pt`` and ``best.pt`` (without the optimizer state), made atomic too.
+
+    At the end of training Ultralytics saves each file again in place, with ``torch.save``; a kill then would
+    truncate the checkpoint that every earlier save kept whole. The call does not know the model, so while revcol is
+    registered this final rewrite is atomic for every model (the files' contents are Ultralytics' own).
+    """
+
+    @functools.wraps(strip_optimizer)
+    def wrapper(f="best.pt", s="", *args, **kwargs):
+        if s:  # written to another file: f stays as it was
+            return strip_optimizer(f, s, *args, **kwargs)
+        result = []
+        replace_atomically(
+            Path(f), lambda temporary: result.append(strip_optimizer(f, str(temporary), *args, **kwargs))
+        )
+        return result[0]
+
+    return wrapper
 
 
 def _sweep(folder: Path, prefix: str) -> None:
