@@ -34,8 +34,8 @@ RT-DETR head with 30 queries) on the CPU for 15 epochs (AdamW, lr0 0.005, batch 
 queries, one warm-up epoch, Ultralytics' default augmentation) with every core the process is given,
 evaluates ``best.pt`` on the test split, predicts on the test images and saves pictures annotated by
 Ultralytics' ``Results.plot``, then prints where everything is, its wall time, the thread count and the
-test mAP. Nothing is downloaded (see ``offline``). With the defaults it took 1 min 37 s on one core of
-this project's 2-core machine (``taskset -c 0``, the other core busy) and reached a test mAP50 of 0.66.
+test mAP. Nothing is downloaded (see ``offline``). With the defaults it took 1 min 25 s on one core of
+this project's 2-core machine (``taskset -c 0``, the other core busy) and reached a test mAP50 of 0.665.
 """
 
 from __future__ import annotations
