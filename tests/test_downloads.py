@@ -162,12 +162,19 @@ NOBODY = "nobody"
 
 
 def _run_as_nobody(code: str, folder: Path) -> subprocess.CompletedProcess:
-    """``code`` in a Python started by root that, once revcol is imported, becomes ``nobody``: root reads any file
-    whatever its mode, another user does not (and needs no access to the interpreter's own files)."""
+    """``code`` in a Python started by root that becomes ``nobody`` once it has read a checkpoint of its own: root
+    reads any file whatever its mode, another user does not. That first read imports what ``torch.load`` imports
+    lazily, so ``nobody`` needs no access to the interpreter's files (CI's venv sits in a folder only root enters).
+    """
     account = pwd.getpwnam(NOBODY)
     home = folder / "home"
     home.mkdir()
-    prologue = f"import os\nimport revcol.pretrained\nos.setgid({account.pw_gid})\nos.setuid({account.pw_uid})\n"
+    warm_up = home / "warm-up.pth"
+    prologue = (
+        "import os, torch\nfrom revcol.pretrained import read_checkpoint\n"
+        f"torch.save({{'w': torch.ones(1)}}, {str(warm_up)!r})\nread_checkpoint({str(warm_up)!r})\n"
+        f"os.unlink({str(warm_up)!r})\nos.setgid({account.pw_gid})\nos.setuid({account.pw_uid})\n"
+    )
     env = revcol_env(home) | {"HOME": str(home), "YOLO_CONFIG_DIR": str(home)}
     return subprocess.run(
         [sys.executable, "-c", prologue + code], env=env, cwd=home, capture_output=True, text=True, timeout=120
