@@ -1,8 +1,9 @@
 """Training checkpoints of a RevCol model survive a SIGKILL at any moment of a save (the trainers' atomic writes).
 
 A subprocess trains a tiny model for a few epochs. Its file writer is slowed down at one chosen moment: inside the
-chosen ``save_model`` call, the chosen binary write writes half of its bytes, makes them durable, tells the test,
-and waits; the test then kills it with SIGKILL. Ultralytics writes ``last.pt`` in place, so without revcol's hook
+chosen ``save_model`` call, the write of the chosen file (``last.pt``, ``best.pt`` or ``epoch1.pt``, or the temporary
+file that stands for it) writes half of its bytes, makes them durable, tells the test, and waits; the test then
+kills it with SIGKILL. Ultralytics writes ``last.pt`` in place, so without revcol's hook
 that half is ``last.pt`` itself; with it the half is a temporary file and ``last.pt`` is the previous whole one.
 """
 
@@ -36,9 +37,9 @@ TRAIN = textwrap.dedent(
     from ultralytics import YOLO
     from ultralytics.engine.trainer import BaseTrainer
 
-    model_yaml, data, project, signal_file, kill_save, kill_write, kill_strip = sys.argv[1:8]
-    kill_save, kill_write, kill_strip = int(kill_save), int(kill_write), int(kill_strip)
-    state = {"saves": 0, "writes": 0, "inside": False}
+    model_yaml, data, project, signal_file, kill_save, kill_file, kill_strip = sys.argv[1:8]
+    kill_save, kill_strip = int(kill_save), int(kill_strip)
+    state = {"saves": 0, "inside": False}
     real_open, save_model = io.open, BaseTrainer.save_model
 
     class HalfThenWait:
@@ -64,19 +65,26 @@ TRAIN = textwrap.dedent(
 
     def slow_open(file, mode="r", *args, **kwargs):
         opened = real_open(file, mode, *args, **kwargs)
-        if state["inside"] and "w" in mode and "b" in mode:
-            state["writes"] += 1
-            if state["writes"] == kill_write:
-                return HalfThenWait(opened)
+        name = fd_names.get(file, "") if isinstance(file, int) else Path(os.fsdecode(file)).name
+        if state["inside"] and "w" in mode and (name == kill_file or name.startswith(f".{kill_file}.")):
+            return HalfThenWait(opened)
         return opened
 
     def counted_save(self, *args, **kwargs):
         state["saves"] += 1
-        state["inside"], state["writes"] = state["saves"] == kill_save, 0
+        state["inside"] = state["saves"] == kill_save
         try:
             return save_model(self, *args, **kwargs)
         finally:
             state["inside"] = False
+
+    real_os_open, fd_names = os.open, {}
+
+    def named_os_open(path, flags, *args, **kwargs):
+        # revcol's atomic writer opens its temporary file with os.open, then os.fdopen: remember the fd's file name
+        fd = real_os_open(path, flags, *args, **kwargs)
+        fd_names[fd] = Path(os.fsdecode(path)).name
+        return fd
 
     real_save = torch.save
 
@@ -90,22 +98,23 @@ TRAIN = textwrap.dedent(
 
     torch.save = slow_save
     io.open = slow_open  # pathlib's and os.fdopen's files both come from io.open
+    os.open = named_os_open
     BaseTrainer.save_model = counted_save
     YOLO(model_yaml).train(
         data=data, epochs=4, imgsz=64, batch=4, workers=0, device="cpu", plots=False, amp=False, val=False,
-        project=project, name="train", exist_ok=True, verbose=False, nbs=4,
+        project=project, name="train", exist_ok=True, verbose=False, nbs=4, save_period=1,
     )
     """
 )
 
 
-def train_and_kill(tmp_path: Path, kill_save: int, kill_write: int, kill_strip: bool = False) -> Path:
-    """Train in a subprocess, SIGKILL it inside write ``kill_write`` of save ``kill_save`` (or, with ``kill_strip``,
-    inside the final rewrite of ``last.pt`` after the last epoch); returns the weights dir."""
+def train_and_kill(tmp_path: Path, kill_save: int, kill_file: str, kill_strip: bool = False) -> Path:
+    """Train in a subprocess, SIGKILL it inside the write of ``kill_file`` in save ``kill_save`` (or, with
+    ``kill_strip``, inside the final rewrite of ``last.pt`` after the last epoch); returns the weights dir."""
     data = generate_dataset(tmp_path / "data", n_train=4, n_val=2, n_test=1, imgsz=IMGSZ, seed=0)
     (tmp_path / "model.yaml").write_text(TINY_YOLO_YAML)
     signal_file = tmp_path / "inside-the-save"
-    args = [str(tmp_path / "model.yaml"), str(data), str(tmp_path / "runs"), str(signal_file), kill_save, kill_write]
+    args = [str(tmp_path / "model.yaml"), str(data), str(tmp_path / "runs"), str(signal_file), kill_save, kill_file]
     args.append(int(kill_strip))
     process = subprocess.Popen(
         [sys.executable, "-c", TRAIN, *map(str, args)],
@@ -136,18 +145,20 @@ def epoch_of(path: Path) -> int:
 
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX signals")
 @pytest.mark.parametrize(
-    ("kill_save", "kill_write", "last_epoch", "best_epoch"),
+    ("kill_save", "kill_file", "last_epoch", "best_epoch", "epoch0_epoch"),
     [
-        (1, 1, None, None),  # the first save, writing last.pt: no checkpoint yet, and no truncated one either
-        (2, 1, 0, 0),  # the second save, writing last.pt: the first save's last.pt, whole
-        (2, 2, 1, 0),  # the second save, writing best.pt: the new last.pt, the previous best.pt
+        (1, "last.pt", None, None, None),  # the first save, writing last.pt: no checkpoint yet, no truncated one
+        (2, "last.pt", 0, 0, 0),  # the second save, writing last.pt: the first save's last.pt, whole
+        (2, "best.pt", 1, 0, 0),  # the second save, writing best.pt: the new last.pt, the previous best.pt
+        (2, "epoch1.pt", 1, 1, 0),  # the second save, writing its save_period file (save_period=1): no epoch1.pt
     ],
 )
 def test_a_kill_inside_a_save_leaves_the_previous_checkpoint_whole(
-    tmp_path, kill_save, kill_write, last_epoch, best_epoch
+    tmp_path, kill_save, kill_file, last_epoch, best_epoch, epoch0_epoch
 ):
-    weights = train_and_kill(tmp_path, kill_save, kill_write)
-    for name, epoch in (("last.pt", last_epoch), ("best.pt", best_epoch)):
+    weights = train_and_kill(tmp_path, kill_save, kill_file)
+    assert not (weights / "epoch1.pt").exists()  # the killed save's: never a truncated one
+    for name, epoch in (("last.pt", last_epoch), ("best.pt", best_epoch), ("epoch0.pt", epoch0_epoch)):
         if epoch is None:
             assert not (weights / name).exists(), name
         else:
@@ -157,7 +168,7 @@ def test_a_kill_inside_a_save_leaves_the_previous_checkpoint_whole(
 
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX signals")
 def test_a_kill_inside_the_final_rewrite_leaves_the_last_epochs_checkpoint_whole(tmp_path):
-    weights = train_and_kill(tmp_path, kill_save=0, kill_write=0, kill_strip=True)
+    weights = train_and_kill(tmp_path, kill_save=0, kill_file="", kill_strip=True)
     assert epoch_of(weights / "last.pt") == 3  # the 4th epoch's save, whole, with its optimizer state
     assert epoch_of(weights / "best.pt") == 3  # not rewritten yet: the 4th save's, whole
     assert len(list(weights.glob(".last.pt.*.part"))) == 1  # the half-written rewrite
@@ -165,7 +176,7 @@ def test_a_kill_inside_the_final_rewrite_leaves_the_last_epochs_checkpoint_whole
 
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX signals")
 def test_resume_after_a_kill_continues_and_clears_what_the_killed_save_left(tmp_path):
-    weights = train_and_kill(tmp_path, kill_save=2, kill_write=1)
+    weights = train_and_kill(tmp_path, kill_save=2, kill_file="last.pt")
     resume = textwrap.dedent(
         """
         import sys

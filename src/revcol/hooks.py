@@ -63,7 +63,7 @@ HOOKS: tuple[Hook, ...] = (
     Hook(TRAINER, "get_model", "revcol.trainers:wrap_get_model",
          "a model about to get trained weights is built without its pretrained file",
          subclasses="ultralytics.models"),
-    Hook(TRAINER, "save_model", "revcol.trainers:wrap_save_model", "last.pt and best.pt written atomically"),
+    Hook(TRAINER, "save_model", "revcol.trainers:wrap_save_model", "last.pt, best.pt, epoch<N>.pt written atomically"),
     Hook("ultralytics.engine.trainer", "strip_optimizer", "revcol.trainers:wrap_strip_optimizer",
          "the final rewrite of last.pt and best.pt atomic too"),
     Hook("ultralytics.utils.dist", "generate_ddp_file", "revcol.trainers:wrap_generate_ddp_file",

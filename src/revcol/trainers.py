@@ -249,31 +249,39 @@ def _is_ultralytics_trainer(cls: Any) -> bool:
     )
 
 
-def wrap_save_model(save_model: Callable) -> Callable:
-    """``BaseTrainer.save_model`` that, for a RevCol model, writes ``last.pt`` and ``best.pt`` atomically.
+ATOMIC_TRAINER_PATHS = ("last", "best", "wdir")  # the trainer's paths that save_model writes to (or under)
 
-    Ultralytics writes both with ``Path.write_bytes`` in place, so a kill during the write leaves a truncated file.
-    For the duration of the call the trainer's ``last`` and ``best`` are paths whose ``write_bytes`` writes a
-    temporary file in the same folder, syncs it and renames it over the target, so the previous file stays whole
-    until the new one is complete.
+
+def wrap_save_model(save_model: Callable) -> Callable:
+    """``BaseTrainer.save_model`` that, for a RevCol model, writes ``last.pt``, ``best.pt``, ``epoch<N>.pt`` atomically.
+
+    Ultralytics writes them with ``Path.write_bytes`` in place, so a kill during the write leaves a truncated file.
+    For the duration of the call the trainer's ``last``, ``best`` and ``wdir`` (whose children are the
+    ``save_period`` files) are paths whose ``write_bytes`` writes a temporary file in the same folder, syncs it and
+    renames it over the target, so the previous file stays whole until the new one is complete.
     """
 
     @functools.wraps(save_model)
     def wrapper(self, *args, **kwargs):
         if not uses_revcol(getattr(self, "model", None)):
             return save_model(self, *args, **kwargs)
-        last, best = self.last, self.best
-        self.last, self.best = AtomicPath(last), AtomicPath(best)
+        paths = {name: getattr(self, name) for name in ATOMIC_TRAINER_PATHS}
+        for name, path in paths.items():
+            setattr(self, name, AtomicPath(path))
         try:
             return save_model(self, *args, **kwargs)
         finally:
-            self.last, self.best = last, best
+            for name, path in paths.items():
+                setattr(self, name, path)
 
     return wrapper
 
 
 class AtomicPath(type(Path())):
-    """A path whose ``write_bytes`` replaces the file atomically: temporary file, fsync, rename, fsync the folder."""
+    """A path whose ``write_bytes`` replaces the file atomically: temporary file, fsync, rename, fsync the folder.
+
+    Paths joined onto it (``wdir / "epoch3.pt"``) are ``AtomicPath``s too: pathlib builds children of its own class.
+    """
 
     def write_bytes(self, data: bytes) -> int:
         return write_atomically(Path(self), data)
