@@ -281,6 +281,22 @@ def test_outputs_seen_by_global_forward_hooks_are_never_overwritten(train):
     assert changed == [], f"{len(changed)} of {len(kept)} outputs changed after their hook saw them: {changed[:5]}"
 
 
+@pytest.mark.parametrize("train", [False, True])
+def test_a_forward_hook_on_any_module_fires(train):
+    """Hooks on every named module (``stem``, columns, levels, fusions, blocks, output points) see the forward, on
+    the plain path and the reversible one: no module's forward is bypassed by calling its children directly."""
+    model = make_net(layers=(2, 1, 1, 1), num_subnet=2, drop_path=0.2).train(train)
+    assert model.save_memory
+    fired = set()
+    handles = [m.register_forward_hook(lambda m, a, o, n=n: fired.add(n)) for n, m in model.named_modules()]
+    try:
+        model(make_input(2, 64, 64))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert [name for name, _ in model.named_modules() if name not in fired] == []
+
+
 def test_column_inputs_are_recovered_from_its_outputs():
     """A column's inputs are recovered exactly from x and its outputs, level 3 first (docs/design.md)."""
     model = make_net(num_subnet=2)

@@ -36,6 +36,23 @@ MAX_PARAMETERS = 20_000_000_000  # the whole backbone: each dimension may be wit
 Features = list[torch.Tensor]
 
 
+class Stem(nn.Sequential):
+    """Patchify stem: a ``patch``-strided convolution, then LayerNorm; its output is channels-last in memory.
+
+    Making the convolution's output channels-last makes everything after it channels-last (same logical NCHW
+    shapes), so every NCHW <-> NHWC permute around the Linear layers is a view, not a copy (docs/design.md, "Data
+    path"). Converting its output rather than the image keeps the convolution's saved input the caller's own tensor,
+    not a second copy of the batch. A Sequential, so its parameters are ``stem.0.*`` and ``stem.1.*``.
+    """
+
+    def __init__(self, out_chs: int, patch: int = 4) -> None:
+        super().__init__(nn.Conv2d(3, out_chs, kernel_size=patch, stride=patch), LayerNorm2d(out_chs, eps=NORM_EPS))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv, norm = self
+        return norm(conv(x).contiguous(memory_format=torch.channels_last))
+
+
 class ConvNextBlock(nn.Module):
     """ConvNeXt block: depthwise conv, channels-last LayerNorm + MLP, layer scale, drop-path."""
 
@@ -332,9 +349,7 @@ class FullNet(nn.Module):
         rates = iter(calculate_drop_path_rates(self.drop_path, sum(layers)))
         level_rates = [[next(rates) for _ in range(depth)] for depth in layers]
         with torch.device("meta"):
-            self.stem = nn.Sequential(
-                nn.Conv2d(3, channels[0], kernel_size=4, stride=4), LayerNorm2d(channels[0], eps=NORM_EPS)
-            )
+            self.stem = Stem(channels[0])
             for index in range(num_subnet):
                 subnet = SubNet(channels, kernel_size, level_rates, index == 0, self.level0_from_coarsest)
                 self.add_module(f"subnet{index}", subnet)
@@ -368,12 +383,7 @@ class FullNet(nn.Module):
         if not torch.jit.is_tracing():
             check_input(x)
         reversible = self.save_memory and self.training and torch.is_grad_enabled()
-        # The patchify convolution's output is made channels-last, so everything after it is channels-last in
-        # memory (same logical NCHW shapes) and every NCHW <-> NHWC permute around the Linear layers is a view,
-        # not a copy (docs/design.md, "Data path"). Converting its output rather than the image keeps the
-        # convolution's saved input the caller's own tensor, not a second copy of the batch.
-        patchify, norm = self.stem
-        x = norm(patchify(x).contiguous(memory_format=torch.channels_last))
+        x = self.stem(x)
         features = None
         for subnet in self.subnets:
             features = subnet(x, features, reversible=reversible)
