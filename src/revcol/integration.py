@@ -33,7 +33,7 @@ from revcol.contract import (
 )
 from revcol.errors import ConfigError
 from revcol.lr_decay import check_lr_decay
-from revcol.model import ConvNextBlock, FullNet, Fusion, Level, SubNet, UpSample
+from revcol.model import ConvNextBlock, FullNet, Fusion, Level, Stem, SubNet, UpSample
 from revcol.variants import backbone_options, get_variant, load_weights
 
 __all__ = ["CHECKPOINT_CLASSES", "CONFIG_DIR", "RevColBackbone", "checkpoint_classes_allowed", "supported_ultralytics"]
@@ -88,6 +88,7 @@ def supported_ultralytics() -> str:
 CHECKPOINT_CLASSES = (
     RevColBackbone,
     FullNet,
+    Stem,
     SubNet,
     Level,
     Fusion,
