@@ -9,9 +9,11 @@ a local server on 127.0.0.1.
 from __future__ import annotations
 
 import io
+import os
 import socket
 import warnings
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -218,13 +220,52 @@ def test_a_realistic_mmdet_meta_passes_weights_only_loading(downstream, tmp_path
     assert meta == MMDET_META
 
 
-def test_a_numpy_scalar_in_meta_is_refused_by_weights_only_loading(tmp_path):
-    """What a real file's meta may hold beyond plain types (an EvalHook's best score is a numpy float)."""
-    import numpy as np
+NUMPY_META = {
+    "hook_msgs": {"best_score": np.float64(0.5), "best_epoch": np.int64(12)},  # an EvalHook's numbers
+    "PALETTE": np.array([[120, 120, 120], [180, 120, 120]], dtype=np.uint8),  # a generated palette
+    "flags": np.array([True, False]),
+    "names": np.array(["wall", "building"]),
+    "mixed": np.array([1, "road", None], dtype=object),  # elements pass weights-only loading one by one
+}
 
+
+def _numpy_1_names(data: bytes) -> bytes:
+    """A legacy-format torch.save file as numpy 1 pickles it: reconstructors under numpy.core, not numpy._core."""
+    return data.replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+
+
+@pytest.mark.parametrize("numpy_generation", [2, 1])
+def test_numpy_scalars_and_arrays_in_meta_pass_weights_only_loading(tmp_path, numpy_generation):
+    """What a real file's meta may hold beyond plain types: numpy values, written by numpy 1 or numpy 2."""
+    backbone = {f"backbone.{k}": v for k, v in make_net(num_subnet=2).state_dict().items()}
+    buffer = io.BytesIO()
+    torch.save({"meta": NUMPY_META, "state_dict": backbone}, buffer, _use_new_zipfile_serialization=False)
+    data = buffer.getvalue()
+    if numpy_generation == 1:
+        data = _numpy_1_names(data)
+        assert b"cnumpy.core.multiarray\n" in data and b"cnumpy._core" not in data
     path = tmp_path / "cmr.pth"
-    torch.save({"meta": {"hook_msgs": {"best_score": np.float64(0.5)}}, "state_dict": {}}, path)
-    with pytest.raises(CheckpointError, match=r"refused by weights-only loading \(.*numpy"):
+    path.write_bytes(data)
+    state = read_backbone(path)
+    assert all(torch.equal(state[k.removeprefix("backbone.")], v) for k, v in backbone.items())
+    zipped = tmp_path / "zip.pth"
+    torch.save({"meta": NUMPY_META, "state_dict": backbone}, zipped)
+    assert set(read_backbone(zipped, mmap=True)) == set(state)
+
+
+class _Call:
+    """Pickles as a call of ``os.getpid`` (harmless, but not data): what a malicious file would do with os.system."""
+
+    def __reduce__(self):
+        return (os.getpid, ())
+
+
+@pytest.mark.parametrize("where", ["top level", "in an object array"])
+def test_a_call_beside_numpy_data_is_still_refused(tmp_path, where):
+    path = tmp_path / "cmr.pth"
+    meta = {"call": _Call()} if where == "top level" else {"calls": np.array([1, _Call()], dtype=object)}
+    torch.save({"meta": {**NUMPY_META, **meta}, "state_dict": {}}, path)
+    with pytest.raises(CheckpointError, match=r"refused by weights-only loading \(.*getpid"):
         read_backbone(path)
 
 

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import safetensors
 import safetensors.torch
 import torch
@@ -25,6 +26,10 @@ WRAPPER_KEYS = ("model", "state_dict")
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save (default format)
 PICKLE_MAGIC = b"\x80"  # torch.save(_use_new_zipfile_serialization=False): a pickle, protocol >= 2
 SAFETENSORS_SUFFIX = ".safetensors"
+# numpy pickles its scalars and arrays through these reconstructors, under numpy.core (files written by numpy 1, as
+# mmcv-era checkpoints' meta may be: an EvalHook's best score, a palette) or numpy._core (numpy 2).
+NUMPY_PICKLE_MODULES = ("numpy.core.multiarray", "numpy._core.multiarray")
+NUMPY_RECONSTRUCTORS = ("scalar", "_reconstruct")
 
 
 @dataclass
@@ -68,16 +73,17 @@ def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, torch.Ten
             f"starts with its header's length and '{{'; this is {kind}"
         )
     try:
-        if mmap and head.startswith(ZIP_MAGIC):  # mapping needs the path
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        else:  # a file object: recent torch sends a path ending in .safetensors to its safetensors reader
-            with path.open("rb") as file:
-                obj = torch.load(file, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(numpy_data_globals()):
+            if mmap and head.startswith(ZIP_MAGIC):  # mapping needs the path
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            else:  # a file object: recent torch sends a path ending in .safetensors to its safetensors reader
+                with path.open("rb") as file:
+                    obj = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path} was refused by weights-only loading ({_unpickler_reason(e)}): it is corrupt or holds objects "
-            "other than tensors and plain containers, possibly code that would run on load. Only state-dict "
-            "checkpoints are accepted."
+            "other than tensors, plain containers and numpy scalars or arrays, possibly code that would run on load. "
+            "Only state-dict checkpoints are accepted."
         ) from None
     except Exception as e:  # torch.load raises many types (RuntimeError, EOFError, KeyError, ...) on a damaged file
         raise CheckpointError(
@@ -94,6 +100,24 @@ def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, torch.Ten
             f"{path} holds no state dict: expected a dict of tensors, at top level or under {' / '.join(WRAPPER_KEYS)}"
         )
     return _strip_module(obj)
+
+
+def numpy_data_globals() -> list:
+    """What weights-only loading needs besides its defaults to read numpy scalars, arrays and dtypes: data only.
+
+    Each reconstructor is listed under the module names of both numpy generations, so that a file pickled by either
+    resolves with the installed one. An object array's elements still pass the weights-only checks one by one.
+    """
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy 1
+        from numpy.core import multiarray
+    named = [(getattr(multiarray, n), f"{m}.{n}") for m in NUMPY_PICKLE_MODULES for n in NUMPY_RECONSTRUCTORS]
+    # numpy >= 1.25 pickles a dtype's class (numpy.dtypes.Float64DType, ...) beside numpy.dtype
+    dtype_classes = [
+        c for c in vars(getattr(np, "dtypes", np)).values() if isinstance(c, type) and issubclass(c, np.dtype)
+    ]
+    return [np.ndarray, np.dtype, *dtype_classes, *named]
 
 
 def _strip_module(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
