@@ -253,6 +253,20 @@ def test_numpy_scalars_and_arrays_in_meta_pass_weights_only_loading(tmp_path, nu
     assert set(read_backbone(zipped, mmap=True)) == set(state)
 
 
+def test_a_read_leaves_torchs_allow_list_as_it_found_it(tmp_path):
+    """revcol's numpy entries exist only during its reads; a bare entry of the same class the user added stays."""
+    path = tmp_path / "cmr.pth"
+    torch.save({"meta": NUMPY_META, "state_dict": {"backbone.stem.0.bias": torch.ones(2)}}, path)
+    before = torch.serialization.get_safe_globals()
+    torch.serialization.add_safe_globals([np.dtype])
+    try:
+        assert set(read_backbone(path)) == {"stem.0.bias"}
+        assert set(torch.serialization.get_safe_globals()) == {*before, np.dtype}
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(before)
+
+
 class _Call:
     """Pickles as a call of ``os.getpid`` (harmless, but not data): what a malicious file would do with os.system."""
 

@@ -11,14 +11,13 @@ import functools
 import importlib.metadata
 import pickle
 import re
-import threading
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from timm.layers import DropPath, LayerNorm, LayerNorm2d
 
+from revcol.allow_list import SharedAllowList
 from revcol.contract import (
     BACKBONE_LAYERS,
     CONFIG_DIR,
@@ -131,9 +130,7 @@ def _checkpoint_globals() -> list[tuple[Any, str]]:
     return entries
 
 
-_SCOPE = torch.serialization.safe_globals(_checkpoint_globals())
-_scope_lock = threading.Lock()
-_scope_users = 0
+_SCOPE = SharedAllowList(_checkpoint_globals())
 
 
 @contextlib.contextmanager
@@ -144,18 +141,8 @@ def checkpoint_classes_allowed() -> Iterator[None]:
     RevCol class with arguments is refused. Overlapping blocks in several threads share one allow-list entry set,
     added by the first to enter and removed by the last to leave; nothing else on torch's allow-list is touched.
     """
-    global _scope_users
-    with _scope_lock:
-        if _scope_users == 0:
-            _SCOPE.__enter__()
-        _scope_users += 1
-    try:
+    with _SCOPE.allowed():
         yield
-    finally:
-        with _scope_lock:
-            _scope_users -= 1
-            if _scope_users == 0:
-                _SCOPE.__exit__(None, None, None)
 
 
 # Heads that Ultralytics added after the oldest release revcol supports, and the release that added each: a RevCol

@@ -7,7 +7,7 @@ import os
 import pickle
 import stat
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +17,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from revcol.allow_list import SharedAllowList
 from revcol.errors import CheckpointError
 from revcol.model import FullNet
 
@@ -73,7 +74,7 @@ def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, torch.Ten
             f"starts with its header's length and '{{'; this is {kind}"
         )
     try:
-        with torch.serialization.safe_globals(numpy_data_globals()):
+        with NUMPY_DATA.allowed():
             if mmap and head.startswith(ZIP_MAGIC):  # mapping needs the path
                 obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             else:  # a file object: recent torch sends a path ending in .safetensors to its safetensors reader
@@ -102,7 +103,7 @@ def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, torch.Ten
     return _strip_module(obj)
 
 
-def numpy_data_globals() -> list:
+def numpy_data_globals() -> list[tuple[Callable, str]]:
     """What weights-only loading needs besides its defaults to read numpy scalars, arrays and dtypes: data only.
 
     Each reconstructor is listed under the module names of both numpy generations, so that a file pickled by either
@@ -114,10 +115,12 @@ def numpy_data_globals() -> list:
         from numpy.core import multiarray
     named = [(getattr(multiarray, n), f"{m}.{n}") for m in NUMPY_PICKLE_MODULES for n in NUMPY_RECONSTRUCTORS]
     # numpy >= 1.25 pickles a dtype's class (numpy.dtypes.Float64DType, ...) beside numpy.dtype
-    dtype_classes = [
-        c for c in vars(getattr(np, "dtypes", np)).values() if isinstance(c, type) and issubclass(c, np.dtype)
-    ]
-    return [np.ndarray, np.dtype, *dtype_classes, *named]
+    classes = {np.ndarray, np.dtype}
+    classes |= {c for c in vars(getattr(np, "dtypes", np)).values() if isinstance(c, type) and issubclass(c, np.dtype)}
+    return [(c, f"{c.__module__}.{c.__qualname__}") for c in classes] + named
+
+
+NUMPY_DATA = SharedAllowList(numpy_data_globals())
 
 
 def _strip_module(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
