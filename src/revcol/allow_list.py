@@ -16,12 +16,14 @@ class SharedAllowList:
 
     torch keeps one allow-list per process, and ``torch.serialization.safe_globals`` removes its entries on exit even
     while another thread's block still needs them. Here the first block to enter adds the entries and the last to
-    leave removes them. Entries are ``(object, name)`` pairs, never bare objects, so removing them leaves alone a bare
-    entry of the same object that the user added for their own loads.
+    leave removes them, except those already registered when the first entered: those belong to someone else and stay.
+    Entries are ``(object, name)`` pairs, never bare objects, so removing them leaves alone a bare entry of the same
+    object that the user added for their own loads.
     """
 
     def __init__(self, entries: Iterable[tuple[Callable, str]]) -> None:
-        self._scope = torch.serialization.safe_globals(list(entries))
+        self._entries = list(entries)
+        self._scope: torch.serialization.safe_globals | None = None
         self._lock = threading.Lock()
         self._users = 0
 
@@ -30,6 +32,9 @@ class SharedAllowList:
         """Inside this block, ``torch.load(weights_only=True)`` in any thread accepts the entries."""
         with self._lock:
             if self._users == 0:
+                # an entry someone else registered already is theirs: neither added nor removed here
+                present = set(torch.serialization.get_safe_globals())
+                self._scope = torch.serialization.safe_globals([e for e in self._entries if e not in present])
                 self._scope.__enter__()
             self._users += 1
         try:

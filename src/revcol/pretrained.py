@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import pickle
 import stat
 import struct
-from collections.abc import Callable, Mapping
+import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
-import numpy as np
 import safetensors
 import safetensors.torch
 import torch
 from torch import nn
 
-from revcol.allow_list import SharedAllowList
+from revcol._atomic import replace_atomically
+from revcol._numpy_meta import PatchedFile, numpy_patches, reading
 from revcol.errors import CheckpointError
 from revcol.model import FullNet
 
@@ -27,10 +31,8 @@ WRAPPER_KEYS = ("model", "state_dict")
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save (default format)
 PICKLE_MAGIC = b"\x80"  # torch.save(_use_new_zipfile_serialization=False): a pickle, protocol >= 2
 SAFETENSORS_SUFFIX = ".safetensors"
-# numpy pickles its scalars and arrays through these reconstructors, under numpy.core (files written by numpy 1, as
-# mmcv-era checkpoints' meta may be: an EvalHook's best score, a palette) or numpy._core (numpy 2).
-NUMPY_PICKLE_MODULES = ("numpy.core.multiarray", "numpy._core.multiarray")
-NUMPY_RECONSTRUCTORS = ("scalar", "_reconstruct")
+CHUNK_BYTES = 1 << 20
+SHA256_KEY = "revcol.sha256"  # save_backbone's safetensors metadata: the digest of the tensors (_tensor_digest)
 
 
 @dataclass
@@ -44,14 +46,18 @@ class LoadResult:
 def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, torch.Tensor]:
     """Read a checkpoint (``~`` expanded); its state dict without ``module.`` prefixes.
 
-    A ``torch.save`` file is read with ``weights_only=True``, a safetensors file (``save_for_hf``, the Hugging
-    Face Hub, ``save_backbone``) with ``safetensors.torch.load_file``; the format is told by the content.
-    ``mmap``: map the tensors of a zip-format torch file instead of reading them (to check a file cheaply).
+    A ``torch.save`` file is read with ``weights_only=True`` after its zip checksums are verified; numpy values in
+    its metadata are read as inert placeholders (``revcol._numpy_meta``). A safetensors file (``save_backbone``,
+    ``save_for_hf``, the Hugging Face Hub) is read with ``safetensors.torch.load_file`` and checked against the
+    SHA-256 that ``save_backbone`` records. The format is told by the content. ``mmap``: map the tensors of a
+    zip-format torch file instead of reading them. What is verified, and against what: ``docs/reliability.md``.
     """
     path = Path(path).expanduser()
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
+        if os.path.islink(path):
+            raise CheckpointError(f"{path} is a broken symbolic link, not a checkpoint file") from None
         raise CheckpointError(f"checkpoint not found: {path}") from None
     except OSError as error:
         raise CheckpointError(f"cannot read {path}: {error.strerror or error}") from None
@@ -66,30 +72,14 @@ def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, torch.Ten
     except OSError as error:  # unreadable for this user, say
         raise CheckpointError(f"cannot read {path}: {error.strerror or error}") from None
     if _is_safetensors(head, os.stat(path).st_size):
-        return _strip_module(_read_safetensors(path))
+        return _checked_state(_read_safetensors(path), path)
     if not head.startswith((ZIP_MAGIC, PICKLE_MAGIC)):
         kind = "an empty file" if not head else f"a file starting with {head[: len(ZIP_MAGIC)]!r}"
         raise CheckpointError(
             f"{path} is not a PyTorch checkpoint: torch.save writes a zip archive or a pickle, a safetensors file "
             f"starts with its header's length and '{{'; this is {kind}"
         )
-    try:
-        with NUMPY_DATA.allowed():
-            if mmap and head.startswith(ZIP_MAGIC):  # mapping needs the path
-                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            else:  # a file object: recent torch sends a path ending in .safetensors to its safetensors reader
-                with path.open("rb") as file:
-                    obj = torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{path} was refused by weights-only loading ({_unpickler_reason(e)}): it is corrupt or holds objects "
-            "other than tensors, plain containers and numpy scalars or arrays, possibly code that would run on load. "
-            "Only state-dict checkpoints are accepted."
-        ) from None
-    except Exception as e:  # torch.load raises many types (RuntimeError, EOFError, KeyError, ...) on a damaged file
-        raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint (truncated or corrupt): {type(e).__name__}: {e}"
-        ) from None
+    obj = _load_torch_file(path, zipped=head.startswith(ZIP_MAGIC), mmap=mmap)
     for key in WRAPPER_KEYS:
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
@@ -100,31 +90,88 @@ def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, torch.Ten
         raise CheckpointError(
             f"{path} holds no state dict: expected a dict of tensors, at top level or under {' / '.join(WRAPPER_KEYS)}"
         )
-    return _strip_module(obj)
+    return _checked_state(obj, path)
 
 
-def numpy_data_globals() -> list[tuple[Callable, str]]:
-    """What weights-only loading needs besides its defaults to read numpy scalars, arrays and dtypes: data only.
+def _load_torch_file(path: Path, zipped: bool, mmap: bool) -> object:
+    """``torch.load(weights_only=True)`` of a verified file, its allowed numpy globals renamed to placeholders."""
+    try:
+        with path.open("rb") as file:
+            if zipped:
+                file.seek(_verified_zip(file, path))
+            # a legacy file is four pickles in a row: magic number, protocol, system info, then the object
+            patches = numpy_patches(file, count=1 if zipped else 4)
+            file.seek(0)
+            with reading():
+                if patches:  # mapping needs the file's own path, so the renamed stream is read instead
+                    renamed = io.BufferedReader(PatchedFile(file, patches))
+                    return torch.load(renamed, map_location="cpu", weights_only=True)
+                if mmap and zipped:
+                    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                # a file object: recent torch sends a path ending in .safetensors to its safetensors reader
+                return torch.load(file, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path} was refused by weights-only loading ({_unpickler_reason(e)}): it is corrupt or holds objects "
+            "other than tensors, plain containers and numpy scalars or arrays, possibly code that would run on load. "
+            "Only state-dict checkpoints are accepted."
+        ) from None
+    except Exception as e:  # torch.load and pickletools raise many types on a damaged file
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint (truncated or corrupt): {type(e).__name__}: {e}"
+        ) from None
 
-    Each reconstructor is listed under the module names of both numpy generations, so that a file pickled by either
-    resolves with the installed one. An object array's elements still pass the weights-only checks one by one.
+
+def _verified_zip(file: BinaryIO, path: Path) -> int:
+    """Check a torch zip file's records (stored, checksums right); returns where its pickle's bytes start.
+
+    torch itself reads neither checksums nor compressed records: bit rot would load as wrong weights, and a
+    memory-mapped read would take a compressed record's bytes as tensor data. A record whose CRC-32 is 0 has none
+    recorded (``torch.utils.serialization.config.save.compute_crc32 = False``) and is not checked.
     """
     try:
-        from numpy._core import multiarray
-    except ImportError:  # numpy 1
-        from numpy.core import multiarray
-    named = [(getattr(multiarray, n), f"{m}.{n}") for m in NUMPY_PICKLE_MODULES for n in NUMPY_RECONSTRUCTORS]
-    # numpy >= 1.25 pickles a dtype's class (numpy.dtypes.Float64DType, ...) beside numpy.dtype
-    classes = {np.ndarray, np.dtype}
-    classes |= {c for c in vars(getattr(np, "dtypes", np)).values() if isinstance(c, type) and issubclass(c, np.dtype)}
-    return [(c, f"{c.__module__}.{c.__qualname__}") for c in classes] + named
+        with zipfile.ZipFile(file) as archive:
+            records = archive.infolist()
+            pickles = [r for r in records if r.filename.endswith("/data.pkl") and r.filename.count("/") == 1]
+            if len(pickles) != 1:
+                raise CheckpointError(f"{path} is a zip archive but not a torch.save file: it has no data.pkl record")
+            for record in records:
+                if record.compress_type != zipfile.ZIP_STORED:
+                    raise CheckpointError(
+                        f"{path} is damaged or not written by torch.save: its record {record.filename} is compressed "
+                        "(torch.save stores every record uncompressed)"
+                    )
+                if record.CRC:
+                    with archive.open(record) as stream:  # zipfile compares the CRC-32 at the end of the record
+                        while stream.read(CHUNK_BYTES):
+                            pass
+    except zipfile.BadZipFile as error:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt): {error}") from None
+    file.seek(pickles[0].header_offset)
+    header = file.read(30)  # a zip local file header: 30 bytes, then the name and the extra field
+    if header[:4] != ZIP_MAGIC:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (corrupt): no zip header at its data.pkl")
+    name_length, extra_length = struct.unpack("<HH", header[26:30])
+    return pickles[0].header_offset + 30 + name_length + extra_length
 
 
-NUMPY_DATA = SharedAllowList(numpy_data_globals())
-
-
-def _strip_module(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k.removeprefix("module."): v for k, v in state.items()}
+def _checked_state(state: Mapping[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """``state`` without ``module.`` prefixes; ``CheckpointError`` for two keys that would become one, or a tensor
+    that cannot be a weight (sparse, quantized)."""
+    stripped: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        name = key.removeprefix("module.")
+        if name in stripped:
+            raise CheckpointError(
+                f"{path} holds both {name!r} and 'module.{name}': which one is the weight is ambiguous; keep one"
+            )
+        if value.layout != torch.strided or value.is_quantized:
+            kind = "quantized" if value.is_quantized else str(value.layout).removeprefix("torch.")
+            raise CheckpointError(f"{path}: {key} is a {kind} tensor; a weight must be a dense (strided) tensor")
+        stripped[name] = value
+    return stripped
 
 
 def _is_safetensors(head: bytes, size: int) -> bool:
@@ -137,11 +184,26 @@ def _is_safetensors(head: bytes, size: int) -> bool:
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
-        return safetensors.torch.load_file(path, device="cpu")
+        with safetensors.safe_open(path, framework="pt") as file:
+            recorded = (file.metadata() or {}).get(SHA256_KEY)
+        state = safetensors.torch.load_file(path, device="cpu")
     except (safetensors.SafetensorError, json.JSONDecodeError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(
             f"{path} is not a readable safetensors file (truncated or corrupt): {type(e).__name__}: {e}"
         ) from None
+    if recorded is not None and recorded != _tensor_digest(state):
+        raise CheckpointError(f"{path} is corrupt: its tensors do not match the SHA-256 recorded when it was saved")
+    return state
+
+
+def _tensor_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of ``state``'s (contiguous CPU) tensors, in key order."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key]
+        digest.update(f"{key}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def read_backbone(path: str | Path, mmap: bool = False) -> dict[str, torch.Tensor]:
@@ -205,20 +267,23 @@ def check_backbone_state(own: Mapping[str, torch.Tensor], state: Mapping[str, to
 
 
 def describe_kind(path: str | Path) -> str:
-    """What is at ``path`` when it is not a regular file: "a directory", "a FIFO", "a character device", ..."""
-    try:
-        mode = os.lstat(path).st_mode
-    except OSError:
-        return "nothing readable"
+    """What is at ``path`` when it is not a regular file: "a directory", "a FIFO (named pipe)", "a symbolic link to
+    a character device", "a broken symbolic link", ..."""
     kinds = [
         (stat.S_ISDIR, "a directory"),
         (stat.S_ISFIFO, "a FIFO (named pipe)"),
         (stat.S_ISCHR, "a character device"),
         (stat.S_ISBLK, "a block device"),
         (stat.S_ISSOCK, "a socket"),
-        (stat.S_ISLNK, "a broken symbolic link"),
+        (stat.S_ISREG, "a regular file"),
     ]
-    return next((name for test, name in kinds if test(mode)), "a regular file")
+    link = os.path.islink(path)
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "a broken symbolic link" if link else "nothing readable"
+    kind = next((name for test, name in kinds if test(mode)), "an unknown kind of file")
+    return f"a symbolic link to {kind}" if link else kind
 
 
 def save_backbone(model: nn.Module, path: str | os.PathLike) -> Path:
@@ -226,7 +291,9 @@ def save_backbone(model: nn.Module, path: str | os.PathLike) -> Path:
 
     ``model`` is a ``FullNet`` or any module holding exactly one (a timm ``RevColClassifier``, an Ultralytics
     model or its ``YOLO`` / ``RTDETR`` wrapper with a RevCol backbone). A ``.safetensors`` path writes a safetensors
-    file, any other a ``torch.save`` file; either holds only ``stem.*`` and ``subnet*`` tensors, on the CPU.
+    file (with a SHA-256 of its tensors, checked when read), any other a ``torch.save`` file; either holds only
+    ``stem.*`` and ``subnet*`` tensors, on the CPU. The file is replaced atomically: a kill or a full disk leaves the
+    previous file whole (``CheckpointError`` for the failed write).
     """
     backbones = [m for m in model.modules() if isinstance(m, FullNet)]
     # a FullNet holds no FullNet, so exactly one found means one backbone
@@ -242,11 +309,25 @@ def save_backbone(model: nn.Module, path: str | os.PathLike) -> Path:
     }
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == SAFETENSORS_SUFFIX:
-        safetensors.torch.save_file(state, path, metadata={"format": "pt"})
-    else:
-        torch.save(state, path)
+
+    def write(temporary: Path) -> None:
+        if path.suffix == SAFETENSORS_SUFFIX:
+            metadata = {"format": "pt", SHA256_KEY: _tensor_digest(state)}
+            safetensors.torch.save_file(state, temporary, metadata=metadata)
+        else:
+            torch.save(state, temporary)
+
+    try:
+        replace_atomically(path, write)
+    except (OSError, RuntimeError, safetensors.SafetensorError) as error:  # a full disk; torch.save: RuntimeError
+        raise CheckpointError(
+            f"could not write {path} ({_first_line(error)}); the file that was there, if any, is unchanged"
+        ) from None
     return path
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _head(keys: list[str], n: int = 5) -> str:

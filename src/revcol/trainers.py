@@ -19,9 +19,6 @@ and so registers the backbones and these hooks before it builds the model or the
 from __future__ import annotations
 
 import functools
-import glob
-import os
-import secrets
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Mapping
@@ -33,6 +30,7 @@ from torch import nn
 from ultralytics.engine.trainer import BaseTrainer
 from ultralytics.nn.tasks import yaml_model_load
 
+from revcol._atomic import replace_atomically, write_atomically
 from revcol.contract import names_revcol_backbone, without_pretrained
 from revcol.hooks import subclasses_in
 from revcol.integration import check_heads
@@ -287,41 +285,6 @@ class AtomicPath(type(Path())):
         return write_atomically(Path(self), data)
 
 
-def write_atomically(path: Path, data: bytes) -> int:
-    """Write ``data`` to ``path`` so that a reader (or a kill) sees the old file or the new one, never a part of one.
-
-    The temporary file is created like any new file (mode 0666 less the umask) and named after this process, so the
-    next save removes what a killed writer left and never a file that a live process is still writing.
-    """
-
-    def write(temporary: Path) -> None:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-
-    replace_atomically(path, write)
-    return len(data)
-
-
-def replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """Let ``write`` create a temporary file beside ``path``, sync it, and rename it over ``path``; sync the folder."""
-    prefix = f".{path.name}."
-    temporary = path.parent / f"{prefix}{os.getpid()}.{secrets.token_hex(4)}.part"
-    try:
-        write(temporary)
-        fd = os.open(temporary, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    _fsync_folder(path.parent)
-    _sweep(path.parent, prefix)
-
-
 def wrap_strip_optimizer(strip_optimizer: Callable) -> Callable:
     """Ultralytics' last rewrite of ``last.pt`` and ``best.pt`` (without the optimizer state), made atomic too.
 
@@ -341,35 +304,3 @@ def wrap_strip_optimizer(strip_optimizer: Callable) -> Callable:
         return result[0]
 
     return wrapper
-
-
-def _sweep(folder: Path, prefix: str) -> None:
-    """Remove the temporary files of ``prefix`` whose writing process is gone (killed during a save)."""
-    for stale in folder.glob(f"{glob.escape(prefix)}*.part"):
-        pid = stale.name[len(prefix) :].split(".", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            stale.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid() or os.name == "nt":  # on Windows os.kill(pid, 0) would terminate the process
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True  # someone else's process, or no way to tell: leave its file alone
-    return True
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where folders cannot be opened (Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
