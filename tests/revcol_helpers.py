@@ -212,7 +212,7 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = 10  # seconds, on every request socket: a confused client cannot hold a thread forever
 
     def do_GET(self) -> None:
-        self.server.arrived(self.path)
+        self.server.arrived(self.path, self.headers.get("Authorization"))
         if self.path not in self.server.files:
             self.send_error(404)
             return
@@ -246,6 +246,7 @@ class WeightsServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.files: dict[str, tuple[bytes, str]] = {}
         self.requests: Counter[str] = Counter()
+        self.authorizations: list[str | None] = []  # the Authorization header of each request, in order
         self.peak = 0  # most requests in flight at the same time
         self.gate: threading.Barrier | None = None  # set: "slow" bodies wait until that many requests arrived
         self.delay = 0.05  # seconds between the chunks of a "slow" body and the bytes of a "trickle"
@@ -262,9 +263,10 @@ class WeightsServer(ThreadingHTTPServer):
     def base(self) -> str:
         return f"http://127.0.0.1:{self.server_port}/weights"
 
-    def arrived(self, path: str) -> None:
+    def arrived(self, path: str, authorization: str | None = None) -> None:
         with self._lock:
             self.requests[path] += 1
+            self.authorizations.append(authorization)
 
     def send_slowly(self, out: io.BufferedIOBase, body: bytes, chunks: int = 10) -> None:
         with self._lock:

@@ -6,6 +6,7 @@ Every server is a local one on 127.0.0.1 (``revcol_helpers.WeightsServer``); eve
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import pwd
@@ -89,6 +90,21 @@ def _parts(folder: Path) -> list[Path]:
 def _child(tmp_path: Path, server: WeightsServer) -> subprocess.Popen:
     env = revcol_env(tmp_path) | {"TORCH_HOME": str(tmp_path / "torch"), "REVCOL_WEIGHTS_URL": server.base}
     return subprocess.Popen([sys.executable, "-c", CHILD], env=env, cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+
+
+def test_credentials_in_the_weights_url_are_sent_as_basic_auth_and_never_printed(serve, cache, monkeypatch, capsys):
+    server = serve()
+    base = server.base.replace("http://", "http://mirror-user:s3cr%40t@")
+    monkeypatch.setenv("REVCOL_WEIGHTS_URL", base)
+    assert download(ENTRY, progress=True) == cache / ENTRY.filename
+    assert server.authorizations == ["Basic " + base64.b64encode(b"mirror-user:s3cr@t").decode()]
+    missing = PublishedWeights("revcol_test", "in22k", "missing.pth", 224, None, None)
+    with pytest.raises(CheckpointError) as info:
+        download(missing, progress=True)
+    printed = capsys.readouterr()
+    assert "HTTP 404" in str(info.value)
+    for text in (str(info.value), printed.out, printed.err):
+        assert "s3cr" not in text and "mirror-user" not in text
 
 
 # --------------------------------------------------------------------------- killed downloads (#19.1)

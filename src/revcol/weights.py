@@ -6,6 +6,7 @@ How downloads stay bounded and leave nothing behind: ``docs/reliability.md``.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import http.client
 import os
@@ -16,6 +17,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -239,7 +241,7 @@ def download(entry: PublishedWeights, progress: bool = True, replace: bool = Fal
             _fetch_into_place(url, target, entry.max_bytes, progress)
             return target
         except _FetchFailed as failure:
-            failures.append(f"  {url}: {failure}")
+            failures.append(f"  {without_credentials(url)[0]}: {failure}")
     raise CheckpointError(
         f"could not download {entry.filename} ({entry.variant} {entry.tag} weights); tried:\n"
         + "\n".join(failures)
@@ -252,13 +254,28 @@ def _fetch_into_place(url: str, target: Path, limit: int, progress: bool) -> Non
     # One temporary file per attempt: concurrent downloads never share a file, and os.replace is atomic,
     # so whichever finishes last replaces a good file with another good one.
     if progress:
-        sys.stderr.write(f'Downloading "{url}" to {target}\n')
+        sys.stderr.write(f'Downloading "{without_credentials(url)[0]}" to {target}\n')
     with _partial_file(target) as (partial, file):
         _copy_url(url, file, limit, progress)
         file.flush()
         os.fsync(file.fileno())  # the rename below must never publish a file whose data is still in flight
         _check_checkpoint(partial, target.name)
         os.replace(partial, target)
+
+
+def without_credentials(url: str) -> tuple[str, str | None]:
+    """``url`` without its ``user:password@`` part, and that part as an HTTP Basic ``Authorization`` value.
+
+    urllib takes ``user:password@host`` for a host name; the credentials are sent as a header instead, and only the
+    URL without them ever appears in a message.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, None
+    host = parts.netloc.rpartition("@")[2]
+    user, _, password = parts.netloc.rpartition("@")[0].partition(":")
+    credentials = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}".encode()
+    return urllib.parse.urlunsplit(parts._replace(netloc=host)), "Basic " + base64.b64encode(credentials).decode()
 
 
 def _partial_name(target: Path) -> Path:
@@ -427,7 +444,11 @@ def _copy_url(url: str, file: BinaryIO, limit: int, progress: bool) -> None:
     allowed = DEADLINE_BASE_S + limit / MIN_RATE
     with _Watchdog(allowed) as watchdog:
         try:
-            with _opener(watchdog).open(url, timeout=TIMEOUT_S) as response:
+            address, authorization = without_credentials(url)
+            request = urllib.request.Request(address)
+            if authorization:  # never forwarded to where a redirect points
+                request.add_unredirected_header("Authorization", authorization)
+            with _opener(watchdog).open(request, timeout=TIMEOUT_S) as response:
                 expected = _content_length(response)
                 if expected is not None and expected > limit:
                     raise _FetchFailed(f"the server announces {expected} bytes, more than the {limit} this file can be")
