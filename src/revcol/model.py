@@ -17,7 +17,7 @@ from timm.layers import DropPath, LayerNorm, LayerNorm2d, calculate_drop_path_ra
 from torch import nn
 
 from revcol.errors import ConfigError, InputError
-from revcol.reversible import ReverseFunction
+from revcol.reversible import ReverseFunction, apply_drop_path
 
 NUM_LEVELS = 4
 ALPHA_BOUND = 1e-3
@@ -54,7 +54,11 @@ class Stem(nn.Sequential):
 
 
 class ConvNextBlock(nn.Module):
-    """ConvNeXt block: depthwise conv, channels-last LayerNorm + MLP, layer scale, drop-path."""
+    """ConvNeXt block: depthwise conv, channels-last LayerNorm + MLP, layer scale, drop-path.
+
+    ``drop_path`` is timm's ``DropPath`` (what checkpoints pickle), called through ``apply_drop_path`` so
+    that the reversible backward's recompute reuses the masks its forward drew.
+    """
 
     def __init__(self, dim: int, kernel_size: int = 3, drop_path: float = 0.0) -> None:
         super().__init__()
@@ -70,7 +74,7 @@ class ConvNextBlock(nn.Module):
         # On a channels-last x (FullNet runs channels-last) both permutes are views, not copies.
         y = self.dwconv(x).permute(0, 2, 3, 1)
         y = self.pwconv2(self.act(self.pwconv1(self.norm(y))))
-        return x + self.drop_path((y * self.gamma).permute(0, 3, 1, 2))
+        return x + apply_drop_path(self.drop_path, (y * self.gamma).permute(0, 3, 1, 2))
 
 
 class UpSample(nn.Module):
@@ -215,7 +219,7 @@ class SubNet(nn.Module):
         alphas: Sequence[torch.Tensor],
         before_level=None,
     ) -> Features:
-        """The column's math with plain autograd; ``before_level(l)`` runs before each level (RNG capture)."""
+        """The column's math with plain autograd; ``before_level(l)`` runs before each level (drop-path tapes)."""
         outputs: Features = []
         for level, (module, output, alpha) in enumerate(zip(self.levels, self.output_modules, alphas, strict=True)):
             if before_level is not None:

@@ -16,38 +16,148 @@ Every parameter the column uses is an explicit input of the Function and gets it
 return value (computed with ``torch.autograd.grad``), never by accumulating into ``.grad`` from
 inside backward. The autograd graph therefore sees which parameters the forward used, which is
 what ``DistributedDataParallel(find_unused_parameters=True)`` relies on.
+
+The recompute must be the forward again, exactly, or the gradients are silently wrong. So it reuses
+the drop-path draws the forward made (``_DrawTape``), not the random generator, which other threads
+share; it reads the parameter tensors the forward read, also when those were ``functional_call``'s
+stand-ins rather than the module's own; and backward refuses parameters changed since forward (their
+version counters, and ``_OptimizerSteps`` for fused optimizers, which leave the counters alone) and
+``create_graph=True``, whose second-order graph it cannot build.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import contextvars
+import functools
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.overrides import TorchFunctionMode
 
 if TYPE_CHECKING:
     from revcol.model import SubNet
 
 NUM_LEVELS = 4
 
+Named = list[tuple[str, torch.Tensor]]
 
-class _RngState:
-    """CPU (and CUDA, for CUDA inputs) generator state, so drop-path masks replay exactly."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.cpu = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+class _DrawTape(TorchFunctionMode):
+    """The ``bernoulli_`` draws of one level's drop-path modules: recorded in forward, fed back in the recompute.
 
-    @contextlib.contextmanager
-    def replay(self) -> Iterator[None]:
-        devices = [self.device] if self.cuda is not None else []
-        with torch.random.fork_rng(devices=devices):
-            torch.set_rng_state(self.cpu)
-            if self.cuda is not None:
-                torch.cuda.set_rng_state(self.cuda, self.device)
-            yield
+    Replaying the generator's state instead gave other masks whenever another thread drew from it in
+    between (it is global), and the draws are small: one (N, 1, 1, 1) mask per block. The recompute
+    runs the drop-path modules' own code; only their draws are the forward's.
+    """
+
+    def __init__(self, draws: list[torch.Tensor] | None = None) -> None:
+        """A recording tape, or with ``draws`` one that replays them in order."""
+        super().__init__()
+        self.replaying = draws is not None
+        self.draws: list[torch.Tensor] = [] if draws is None else draws
+        self.used = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not torch.Tensor.bernoulli_:
+            return func(*args, **kwargs)
+        if not self.replaying:
+            drawn = func(*args, **kwargs)
+            # timm scales the drawn tensor in place afterwards; the recompute repeats that scaling.
+            self.draws.append(drawn.clone())
+            return drawn
+        target = args[0]
+        if self.used == len(self.draws) or self.draws[self.used].shape != target.shape:
+            raise _changed_drop_path()
+        self.used += 1
+        return target.copy_(self.draws[self.used - 1])
+
+
+# The tape of the level being run by a reversible column in this thread (or task): None outside one.
+_TAPE: contextvars.ContextVar[_DrawTape | None] = contextvars.ContextVar("revcol_drop_path_tape", default=None)
+
+
+def apply_drop_path(module: torch.nn.Module, branch: torch.Tensor) -> torch.Tensor:
+    """``module(branch)`` for a block's drop-path module (timm's ``DropPath``, or ``nn.Identity`` at rate 0).
+
+    Inside a reversible column its random draws go through the level's ``_DrawTape``; elsewhere this is
+    the plain call, so its outputs and its use of the random generator are timm's.
+    """
+    tape = _TAPE.get()
+    if tape is None or not module.training or not getattr(module, "drop_prob", 0.0):
+        return module(branch)
+    drawn = len(tape.draws)
+    with tape:
+        out = module(branch)
+    if not tape.replaying and len(tape.draws) == drawn:
+        raise RuntimeError(
+            f"RevCol: the drop-path module {type(module).__name__} drew its mask without Tensor.bernoulli_, so the "
+            "reversible backward (save_memory=True) cannot reuse it; use timm's DropPath or save_memory=False."
+        )
+    return out
+
+
+def _changed_drop_path() -> RuntimeError:
+    return RuntimeError(
+        "RevCol: the drop-path modules of a column drew differently in the reversible backward's recompute than in "
+        "its forward (drop_prob or a module changed in between); call backward first, or build with save_memory=False."
+    )
+
+
+class _OptimizerSteps:
+    """Which optimizer step last updated each parameter, counted by a global optimizer step pre-hook.
+
+    Fused optimizers (``Adam(fused=True)`` and others) update parameters in a kernel that does not bump
+    their version counters, so the ``_version`` check alone misses a step between forward and backward.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._hook: torch.utils.hooks.RemovableHandle | None = None
+        self.count = 0
+        # id(parameter) -> [weak reference to it, number of the last step that updated it]
+        self._last: dict[int, list[Any]] = {}
+
+    def start(self) -> int:
+        """Count steps from now on (the hook is registered once per process); returns the count so far."""
+        if self._hook is None:
+            with self._lock:
+                if self._hook is None:
+                    self._hook = register_optimizer_step_pre_hook(self._step)
+        return self.count
+
+    def _step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        with self._lock:
+            self.count += 1
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    entry = self._last.get(id(p))
+                    if entry is None or entry[0]() is not p:
+                        entry = self._last[id(p)] = [weakref.ref(p, functools.partial(self._forget, id(p))), 0]
+                    entry[1] = self.count
+
+    def _forget(self, key: int, ref: weakref.ref) -> None:
+        # Takes no lock: a garbage collection inside _step, which holds it, can run this.
+        if self._last.get(key, [None])[0] is ref:
+            self._last.pop(key, None)
+
+    def stepped_since(self, count: int, tensors: Iterable[torch.Tensor]) -> bool:
+        """Whether a step after the first ``count`` updated one of ``tensors``."""
+        if self.count == count:
+            return False
+        for t in tensors:
+            entry = self._last.get(id(t))
+            if entry is not None and entry[0]() is t and entry[1] > count:
+                return True
+        return False
+
+
+_OPTIMIZER_STEPS = _OptimizerSteps()
 
 
 class _AutocastState:
@@ -62,19 +172,13 @@ class _AutocastState:
         return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
 
 
-def _uses_drop_path(subnet: SubNet) -> bool:
-    return subnet.training and any(
-        getattr(module, "drop_prob", 0.0) > 0 for module in subnet.modules() if module is not subnet
-    )
-
-
 class ReverseFunction(torch.autograd.Function):
     """Runs one column without keeping level activations; backward recomputes them level by level.
 
-    ``apply`` inputs: the ``SubNet``, the level parameter counts, the frozen level parameters (only
-    checked for in-place edits), ``x``, the previous column's four outputs (``None`` for the first
-    column), the four (bounded) alphas, then every level parameter that requires grad. Use
-    ``ReverseFunction.apply_column`` rather than ``apply``.
+    ``apply`` inputs: the ``SubNet``, each level's ``(name, tensor)`` parameters as its forward reads them,
+    ``x``, the previous column's four outputs (``None`` for the first column), the four (bounded) alphas,
+    then every one of those parameter tensors that requires grad, in the same order (as inputs, so that
+    they get gradients). Use ``ReverseFunction.apply_column`` rather than ``apply``.
     """
 
     @staticmethod
@@ -82,52 +186,54 @@ class ReverseFunction(torch.autograd.Function):
         subnet: SubNet, x: torch.Tensor, previous: Sequence[torch.Tensor] | None, alphas: Sequence[torch.Tensor]
     ) -> list[torch.Tensor]:
         """Run ``subnet`` through the Function; returns its four outputs."""
-        params: list[list[torch.nn.Parameter]] = []
-        frozen: list[torch.nn.Parameter] = []
-        for level in subnet.levels:
-            level_params = list(level.parameters())
-            params.append([p for p in level_params if p.requires_grad])
-            frozen += [p for p in level_params if not p.requires_grad]
+        named = [list(level.named_parameters()) for level in subnet.levels]
+        trainable = [t for level in named for _, t in level if t.requires_grad]
         inputs = list(previous) if previous is not None else [None] * NUM_LEVELS
-        flat = [p for level_params in params for p in level_params]
-        outputs = ReverseFunction.apply(subnet, [len(p) for p in params], frozen, x, *inputs, *alphas, *flat)
-        return list(outputs)
+        return list(ReverseFunction.apply(subnet, named, x, *inputs, *alphas, *trainable))
 
     @staticmethod
-    def forward(
-        ctx: Any, subnet: SubNet, counts: list[int], frozen: list[torch.Tensor], x: torch.Tensor, *tensors: torch.Tensor
-    ):
+    def forward(ctx: Any, subnet: SubNet, named: list[Named], x: torch.Tensor, *tensors: torch.Tensor):
         previous = tensors[:NUM_LEVELS]
         alphas = tensors[NUM_LEVELS : 2 * NUM_LEVELS]
-        params = tensors[2 * NUM_LEVELS :]
         first_column = previous[0] is None
+        ctx.steps = _OPTIMIZER_STEPS.start()
 
-        rng_states: list[_RngState] = []
-        record_rng = _uses_drop_path(subnet)
+        tapes: list[_DrawTape] = []
 
         def before_level(level: int) -> None:
-            if record_rng:
-                rng_states.append(_RngState(x.device))
+            tapes.append(_DrawTape())
+            _TAPE.set(tapes[-1])
 
-        outputs = subnet.forward_levels(x, None if first_column else list(previous), alphas, before_level)
+        token = _TAPE.set(None)
+        try:
+            outputs = subnet.forward_levels(x, None if first_column else list(previous), alphas, before_level)
+        finally:
+            _TAPE.reset(token)
 
-        ctx.subnet, ctx.counts, ctx.first_column = subnet, counts, first_column
+        ctx.subnet, ctx.named, ctx.first_column = subnet, named, first_column
+        ctx.trainable = [[t.requires_grad for _, t in level] for level in named]
         ctx.training = subnet.training
-        ctx.rng_states = rng_states
+        ctx.draws = [tape.draws for tape in tapes]
         ctx.autocast = _AutocastState(x.device.type)
-        # Frozen parameters are not inputs (they need no gradient), but the recompute reads them too.
-        ctx.params, ctx.frozen = params, frozen
-        ctx.param_versions = [p._version for p in (*params, *frozen)]
+        ctx.versions = [t._version for level in named for _, t in level]
         ctx.save_for_backward(x, *outputs, *alphas, *(() if first_column else previous))
         return tuple(outputs)
 
     @staticmethod
     def backward(ctx: Any, *grad_outputs: torch.Tensor | None):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "RevCol's reversible backward (save_memory=True) does not support create_graph=True / double "
+                "backward (e.g. a gradient penalty): it recomputes each level inside backward, and the gradients "
+                "it returns are not differentiable. Build the model with save_memory=False (or set "
+                "model.save_memory = False) for this loss."
+            )
         x, *rest = ctx.saved_tensors
         outputs, alphas, previous = rest[:NUM_LEVELS], rest[NUM_LEVELS : 2 * NUM_LEVELS], rest[2 * NUM_LEVELS :]
         subnet: SubNet = ctx.subnet
-        params = ctx.params
-        if any(p._version != v for p, v in zip((*params, *ctx.frozen), ctx.param_versions, strict=True)):
+        used = [t for level in ctx.named for _, t in level]
+        edited = any(t._version != v for t, v in zip(used, ctx.versions, strict=True))
+        if edited or _OPTIMIZER_STEPS.stepped_since(ctx.steps, used):
             raise RuntimeError(
                 f"RevCol: a parameter of {type(subnet).__name__} was modified in place between forward and "
                 "backward (e.g. optimizer.step() before backward). The reversible backward recomputes the "
@@ -137,20 +243,27 @@ class ReverseFunction(torch.autograd.Function):
         grad_x = None
         grad_previous: list[torch.Tensor | None] = [None] * NUM_LEVELS
         grad_alphas: list[torch.Tensor | None] = [None] * NUM_LEVELS
-        grad_params: list[torch.Tensor | None] = [None] * len(params)
-        starts = [sum(ctx.counts[:level]) for level in range(NUM_LEVELS)]
-        needs_x = ctx.needs_input_grad[3]
+        counts = [sum(flags) for flags in ctx.trainable]
+        grad_params: list[torch.Tensor | None] = [None] * sum(counts)
+        starts = [sum(counts[:level]) for level in range(NUM_LEVELS)]
+        needs_x = ctx.needs_input_grad[2]
 
         levels = subnet.levels
         for level in reversed(range(NUM_LEVELS)):
-            level_params = params[starts[level] : starts[level] + ctx.counts[level]]
+            run, level_params = _with_forward_parameters(levels[level], ctx.named[level], ctx.trainable[level])
             c_down = (x if level == 0 else outputs[level - 1]).detach()
             c_down.requires_grad_(level > 0 or needs_x)
             up_levels = levels[level].previous_levels  # empty in the first column
             c_ups = [previous[index].detach().requires_grad_() for index in up_levels]
-            replay = ctx.rng_states[level].replay() if ctx.rng_states else contextlib.nullcontext()
-            with torch.enable_grad(), ctx.autocast.context(), replay, _training_mode(subnet, ctx.training):
-                f = levels[level](c_down, *c_ups)
+            tape = _DrawTape(ctx.draws[level])
+            token = _TAPE.set(tape)
+            try:
+                with torch.enable_grad(), ctx.autocast.context(), _training_mode(subnet, ctx.training):
+                    f = run(c_down, *c_ups)
+            finally:
+                _TAPE.reset(token)
+            if tape.used != len(tape.draws):
+                raise _changed_drop_path()
 
             grad = grads[level]
             if ctx.first_column:
@@ -162,7 +275,7 @@ class ReverseFunction(torch.autograd.Function):
                     )
                     grad_previous[level] = _add(grad_previous[level], grad * alphas[level])
 
-            wrt = ([c_down] if c_down.requires_grad else []) + c_ups + list(level_params)
+            wrt = ([c_down] if c_down.requires_grad else []) + c_ups + level_params
             # Nothing to differentiate when the level is frozen and its input needs no gradient.
             results = list(torch.autograd.grad(f, wrt, grad.to(f.dtype), allow_unused=True)) if wrt else []
             if c_down.requires_grad:
@@ -179,7 +292,27 @@ class ReverseFunction(torch.autograd.Function):
 
         if ctx.first_column:
             grad_previous = [None] * NUM_LEVELS
-        return (None, None, None, grad_x, *grad_previous, *grad_alphas, *grad_params)
+        return (None, None, grad_x, *grad_previous, *grad_alphas, *grad_params)
+
+
+def _with_forward_parameters(
+    module: torch.nn.Module, named: Named, trainable: list[bool]
+) -> tuple[Callable[..., torch.Tensor], list[torch.Tensor]]:
+    """A call of ``module`` that reads the parameter tensors its forward read, and the trainable ones to differentiate.
+
+    Those are the module's own parameters, except under ``torch.func.functional_call`` (fast weights, as in
+    MAML): its tensors were the module's only during that call, so the recompute passes them again.
+    """
+    tensors = [t for _, t in named]
+    own = list(module.parameters())
+    if len(own) == len(tensors) and all(a is b for a, b in zip(own, tensors, strict=True)):
+        return module, [t for t, keep in zip(tensors, trainable, strict=True) if keep]
+    stand_ins = {name: t.detach().requires_grad_(keep) for (name, t), keep in zip(named, trainable, strict=True)}
+
+    def call(*args: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(module, stand_ins, args)
+
+    return call, [stand_ins[name] for (name, _), keep in zip(named, trainable, strict=True) if keep]
 
 
 @contextlib.contextmanager
