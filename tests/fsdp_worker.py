@@ -11,7 +11,8 @@ autograd on an unsharded copy of the model:
 
 Two iterations with an SGD step between: the gradients of both, and the parameters after each step, must equal
 the reference's. Then a mixed-precision (bfloat16 parameters, float32 reduction) step is compared loosely, and a
-sharded checkpoint plus the full state dict are written to ``--out`` for the test process to compare.
+sharded checkpoint plus the full state dict are written to ``--out`` for the test process to compare; the ranks
+also load the checkpoint back into another sharded model.
 Prints ``RANK <r> OK`` at the end.
 """
 
@@ -27,7 +28,7 @@ import torch.distributed as dist
 from revcol_helpers import make_input, make_net, output_weights, relative_error
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from revcol.distributed import save_checkpoint, shard
+from revcol.distributed import load_checkpoint, save_checkpoint, shard
 
 GLOBAL_BATCH = 4
 TOLERANCE = 1e-5  # float32; FSDP and one process differ only in summation order
@@ -113,18 +114,29 @@ def check_bf16(rank: int, world: int) -> None:
 
 
 def write_checkpoint(rank: int, world: int, out: Path) -> None:
-    """One trained step, then the sharded checkpoint (all ranks) and the full state dict (rank 0)."""
+    """One trained step, then the sharded checkpoint (all ranks, replacing the one of step 0) and the full state
+    dict (rank 0); the checkpoint loads back into another sharded model."""
     model = make_net(layers=(1, 2, 1, 1), num_subnet=3, drop_path=0.2, dtype=torch.float32, seed=0)
     _, _, x_local, w_local = _data(model, rank, world)
     shard(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    save_checkpoint(out / "sharded", model, None, {"step": 0})
     torch.manual_seed(rank)
     _loss(model(x_local), w_local).backward()
     optimizer.step()
     save_checkpoint(out / "sharded", model, optimizer, {"step": 1})
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full = get_model_state_dict(model, options=options)
     if rank == 0:
         torch.save(full, out / "full.pt")
+    other = shard(make_net(layers=(1, 2, 1, 1), num_subnet=3, drop_path=0.2, dtype=torch.float32, seed=5))
+    other_optimizer = torch.optim.AdamW(other.parameters(), lr=1e-3)
+    assert load_checkpoint(out / "sharded", other, other_optimizer) == {"step": 1}
+    loaded = get_model_state_dict(other, options=options)
+    assert all(torch.equal(loaded[name], value) for name, value in full.items()), f"rank {rank}: sharded load"
+    moments = [_full(s["exp_avg"]) for s in other_optimizer.state.values()]
+    expected = [_full(s["exp_avg"]) for s in optimizer.state.values()]
+    assert all(torch.equal(a, b) for a, b in zip(moments, expected, strict=True)), f"rank {rank}: optimizer state"
     dist.barrier()
 
 
