@@ -192,6 +192,7 @@ NETGUARD = Path(__file__).parent / "_netguard"
 def revcol_env(workdir: Path) -> dict[str, str]:
     """Env for a ``revcol`` subprocess: offline, settings in workdir, network attempts logged, not seen as pytest."""
     env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}  # else Ultralytics redirects runs/
+    (workdir / "ultralytics-config").mkdir(parents=True, exist_ok=True)  # else it falls back to a shared /tmp folder
     env.update(
         YOLO_OFFLINE="true",
         YOLO_CONFIG_DIR=str(workdir / "ultralytics-config"),

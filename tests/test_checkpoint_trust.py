@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from revcol_helpers import make_net
+from revcol_helpers import make_net, revcol_env
 
 from revcol import CheckpointError
 from revcol.pretrained import read_backbone, read_checkpoint, save_backbone
@@ -59,21 +59,27 @@ FORGE = textwrap.dedent(
 NUMPY_META = {"best_score": np.float64(0.5), "PALETTE": np.array([[1, 2, 3]], dtype=np.uint8)}
 
 
-def _run(script: str, *args: object) -> subprocess.CompletedProcess:
+def _run(script: str, *args: object, workdir: Path) -> subprocess.CompletedProcess:
+    """``script`` in a fresh interpreter, with ``revcol_env(workdir)`` (Ultralytics' settings kept in ``workdir``)."""
     return subprocess.run(
-        [sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, timeout=120, check=False
+        [sys.executable, "-c", script, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=revcol_env(workdir),
+        check=False,
     )
 
 
 @pytest.fixture(scope="module")
 def forged(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("forged") / "forged.pth"
-    result = _run(FORGE, path)
+    result = _run(FORGE, path, workdir=path.parent)
     assert result.returncode == 0, result.stderr
     return path
 
 
-def test_a_forged_numpy_dtype_neither_crashes_nor_is_rebuilt(forged):
+def test_a_forged_numpy_dtype_neither_crashes_nor_is_rebuilt(forged, tmp_path):
     """Every revcol read of the file survives; another thread's plain weights-only load meanwhile refuses it."""
     script = textwrap.dedent(
         """
@@ -83,7 +89,7 @@ def test_a_forged_numpy_dtype_neither_crashes_nor_is_rebuilt(forged):
         from revcol.pretrained import load_pretrained, read_backbone
 
         path = sys.argv[1]
-        print(sorted(read_backbone(path)))
+        print("read:", sorted(read_backbone(path)))
         real_load, inside, release = torch.load, threading.Event(), threading.Event()
 
         def paused_load(*args, **kwargs):  # holds revcol's read open while the main thread loads
@@ -98,16 +104,17 @@ def test_a_forged_numpy_dtype_neither_crashes_nor_is_rebuilt(forged):
         inside.wait(30)
         try:
             real_load(path, weights_only=True)
-            print("plain load accepted it")
+            print("plain load: accepted it")
         except pickle.UnpicklingError:
-            print("plain load refused it")
+            print("plain load: refused it")
         release.set()
         reader.join(30)
         """
     )
-    result = _run(script, forged)
+    result = _run(script, forged, workdir=tmp_path)
     assert result.returncode == 0, f"exit {result.returncode}: {result.stderr[-2000:]}"
-    assert result.stdout.splitlines() == ["['stem.0.bias']", "plain load refused it"]
+    said = [line for line in result.stdout.splitlines() if line.startswith(("read:", "plain load:"))]
+    assert said == ["read: ['stem.0.bias']", "plain load: refused it"]
 
 
 def test_numpy_metadata_becomes_placeholders_only_inside_revcols_reads(tmp_path):
@@ -295,7 +302,7 @@ def test_save_backbone_killed_at_random_moments_leaves_a_whole_file(suffix, tmp_
     path = tmp_path / f"backbone{suffix}"
     for _ in range(3):
         with subprocess.Popen(
-            [sys.executable, "-c", SAVE_FOREVER, str(path)], stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", SAVE_FOREVER, str(path)], stdout=subprocess.PIPE, text=True, env=revcol_env(tmp_path)
         ) as process:
             assert process.stdout.readline().strip() == "saved"
             threading.Event().wait(rng.uniform(0.05, 0.6))
@@ -318,7 +325,7 @@ def test_save_backbone_on_a_full_disk_keeps_the_previous_file(suffix, source, tm
         import torch
         from revcol import CheckpointError
         from revcol.pretrained import save_backbone
-        from revcol_helpers import make_net
+        from revcol_helpers import make_net, revcol_env
 
         model = make_net(num_subnet=2, dtype=torch.float32, seed=99)
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, like ENOSPC
@@ -326,15 +333,16 @@ def test_save_backbone_on_a_full_disk_keeps_the_previous_file(suffix, source, tm
         try:
             save_backbone(model, sys.argv[1])
         except CheckpointError as error:
-            print(error)
+            print("error:", error)
         """
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    env = revcol_env(tmp_path / "env")
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env["PYTHONPATH"]])
     result = subprocess.run(
         [sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120, env=env, check=False
     )
     assert result.returncode == 0, result.stderr
-    assert "could not write" in result.stdout and "is unchanged" in result.stdout
-    assert len(result.stdout.strip().splitlines()) == 1
+    (error,) = [line for line in result.stdout.splitlines() if line.startswith("error:")]  # one line
+    assert "could not write" in error and "is unchanged" in error
     assert path.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "env") == [path.name]
