@@ -26,7 +26,7 @@ import torch.distributed.checkpoint as dcp
 from revcol_helpers import make_net, revcol_env
 
 from revcol import CheckpointError
-from revcol.distributed import load_checkpoint, save_checkpoint
+from revcol.distributed import CHECKSUMS, load_checkpoint, save_checkpoint
 
 TESTS = Path(__file__).resolve().parent
 RANDOM_KILLS = 6
@@ -141,6 +141,7 @@ def test_truncated_shard_is_a_one_line_error_and_loads_nothing(tmp_path):
     save_checkpoint(folder, *_trained(1), extra={"epoch": 1})
     (shard,) = folder.glob("*.distcp")
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size * 9 // 10])  # most tensors still readable
+    (folder / CHECKSUMS).unlink()  # as an older revcol wrote it: DCP itself finds the damage, halfway through
     target, optimizer = _trained(2)
     before, error = _bits(target, optimizer), None
     try:
@@ -150,6 +151,27 @@ def test_truncated_shard_is_a_one_line_error_and_loads_nothing(tmp_path):
     assert isinstance(error, CheckpointError), repr(error)
     message = str(error)
     assert "\n" not in message and message.startswith(f"{folder} could not be read, nothing was loaded ("), message
+    assert _bits(target, optimizer) == before
+
+
+@pytest.mark.parametrize("damage", ["bit rot", "truncated", "missing"])
+def test_a_damaged_shard_is_found_by_its_checksum_before_anything_is_read(damage, tmp_path):
+    folder = tmp_path / "ck"
+    save_checkpoint(folder, *_trained(1))
+    (shard,) = folder.glob("*.distcp")
+    data = bytearray(shard.read_bytes())
+    if damage == "bit rot":  # the same length, 64 bytes changed: DCP alone would load other numbers
+        data[len(data) // 2 : len(data) // 2 + 64] = bytes(b ^ 0x5A for b in data[len(data) // 2 : len(data) // 2 + 64])
+        shard.write_bytes(bytes(data))
+    elif damage == "truncated":
+        shard.write_bytes(bytes(data[:-1]))
+    else:
+        shard.unlink()
+    target, optimizer = _trained(2)
+    before = _bits(target, optimizer)
+    expected = "is missing" if damage == "missing" else "does not match the CRC-32 recorded when it was saved"
+    with pytest.raises(CheckpointError, match=f"{folder} is damaged: {shard.name} {expected}".replace(".", r"\.")):
+        load_checkpoint(folder, target, optimizer)
     assert _bits(target, optimizer) == before
 
 

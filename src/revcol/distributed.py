@@ -8,10 +8,12 @@ the memory per rank are in ``docs/scaling.md``.
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import re
 import shutil
+import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from revcol._atomic import fsync_folder
+from revcol._atomic import fsync_folder, write_atomically
 from revcol.errors import CheckpointError, ConfigError
 from revcol.model import FullNet
 
@@ -34,6 +36,8 @@ __all__ = ["BF16_POLICY", "cpu_fsdp_supported", "load_checkpoint", "save_checkpo
 # bfloat16 compute and all-gathers; gradients reduced, and kept, in float32.
 BF16_POLICY = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 MODEL_KEY, OPTIMIZER_KEY, EXTRA_KEY = "model", "optimizer", "extra"
+CHECKSUMS = ".revcol-checksums.json"  # the CRC-32 of each shard file, written before the folder is swapped in
+CHUNK_BYTES = 1 << 20
 
 
 def _backbone(model: nn.Module) -> FullNet:
@@ -129,6 +133,7 @@ def load_checkpoint(
     """
     path = Path(path).expanduser()
     folder = _complete_copy(path)
+    _on_rank_zero(_verify_checksums, folder)
     try:
         metadata = _SafeReader(folder).read_metadata()
     except _Refused as e:
@@ -281,7 +286,7 @@ def _complete_copy(path: Path) -> Path:
 
 
 def _only_dcp_files(folder: Path) -> bool:
-    return all(p.name.endswith(".distcp") or p.name.startswith(".metadata") for p in folder.iterdir())
+    return all(p.name.endswith(".distcp") or p.name.startswith((".metadata", CHECKSUMS)) for p in folder.iterdir())
 
 
 def _prepare(target: Path) -> None:
@@ -309,12 +314,46 @@ def _prepare(target: Path) -> None:
 def _swap(target: Path) -> None:
     """Put the complete staging folder in the place of ``target``; at every instant one complete copy exists."""
     staging, previous = _staging(target), _previous(target)
+    checksums = {file.name: _crc32(file) for file in sorted(staging.glob("*.distcp"))}
+    write_atomically(staging / CHECKSUMS, json.dumps(checksums, indent=0).encode())
     fsync_folder(staging)
     if target.exists():
         target.rename(previous)
     staging.rename(target)
     fsync_folder(target.parent)
     shutil.rmtree(previous, ignore_errors=True)  # what is left, the next save removes
+
+
+def _crc32(file: Path) -> int:
+    crc = 0
+    with open(file, "rb") as stream:
+        while chunk := stream.read(CHUNK_BYTES):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _verify_checksums(folder: Path) -> None:
+    """``CheckpointError`` unless every shard file has the CRC-32 recorded when it was saved.
+
+    DCP checks no checksum, so bit rot in a shard would load as wrong numbers. A folder without the record
+    (written by an earlier revcol, or a save killed just before writing it) is not checked.
+    """
+    record = folder / CHECKSUMS
+    if not record.is_file():
+        return
+    try:
+        checksums = json.loads(record.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{folder} is damaged: its {CHECKSUMS} cannot be read ({_describe(e)})") from None
+    for name, expected in checksums.items():
+        shard = folder / Path(str(name)).name
+        if not shard.is_file():
+            raise CheckpointError(f"{folder} is damaged: {shard.name} is missing")
+        if _crc32(shard) != expected:
+            raise CheckpointError(
+                f"{folder} is damaged: {shard.name} does not match the CRC-32 recorded when it was saved; "
+                "nothing was loaded"
+            )
 
 
 def _on_rank_zero(step: Callable[[Path], None], target: Path) -> None:
