@@ -88,8 +88,10 @@ def apply_drop_path(module: torch.nn.Module, branch: torch.Tensor) -> torch.Tens
     Inside a reversible column its random draws go through the level's ``_DrawTape``; elsewhere this is
     the plain call, so its outputs and its use of the random generator are timm's.
     """
+    if not module.training or not getattr(module, "drop_prob", 0.0):
+        return module(branch)  # before the ContextVar: torch 2.6's dynamo breaks the graph at ContextVar.get
     tape = _TAPE.get()
-    if tape is None or not module.training or not getattr(module, "drop_prob", 0.0):
+    if tape is None:
         return module(branch)
     drawn = len(tape.draws)
     with tape:
