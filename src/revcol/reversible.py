@@ -223,24 +223,10 @@ class ReverseFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grad_outputs: torch.Tensor | None):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "RevCol's reversible backward (save_memory=True) does not support create_graph=True / double "
-                "backward (e.g. a gradient penalty): it recomputes each level inside backward, and the gradients "
-                "it returns are not differentiable. Build the model with save_memory=False (or set "
-                "model.save_memory = False) for this loss."
-            )
+        _check_recomputable(ctx)
         x, *rest = ctx.saved_tensors
         outputs, alphas, previous = rest[:NUM_LEVELS], rest[NUM_LEVELS : 2 * NUM_LEVELS], rest[2 * NUM_LEVELS :]
         subnet: SubNet = ctx.subnet
-        used = [t for level in ctx.named for _, t in level]
-        edited = any(t._version != v for t, v in zip(used, ctx.versions, strict=True))
-        if edited or _OPTIMIZER_STEPS.stepped_since(ctx.steps, used):
-            raise RuntimeError(
-                f"RevCol: a parameter of {type(subnet).__name__} was modified in place between forward and "
-                "backward (e.g. optimizer.step() before backward). The reversible backward recomputes the "
-                "forward and would give wrong gradients; call backward first, or build with save_memory=False."
-            )
         grads = [g if g is not None else torch.zeros_like(o) for g, o in zip(grad_outputs, outputs, strict=True)]
         grad_x = None
         grad_previous: list[torch.Tensor | None] = [None] * NUM_LEVELS
@@ -257,15 +243,7 @@ class ReverseFunction(torch.autograd.Function):
             c_down.requires_grad_(level > 0 or needs_x)
             up_levels = levels[level].previous_levels  # empty in the first column
             c_ups = [previous[index].detach().requires_grad_() for index in up_levels]
-            tape = _DrawTape(ctx.draws[level])
-            token = _TAPE.set(tape)
-            try:
-                with torch.enable_grad(), ctx.autocast.context(), _training_mode(subnet, ctx.training):
-                    f = run(c_down, *c_ups)
-            finally:
-                _TAPE.reset(token)
-            if tape.used != len(tape.draws):
-                raise _changed_drop_path()
+            f = _recompute(ctx, level, run, c_down, c_ups)
 
             grad = grads[level]
             if ctx.first_column:
@@ -295,6 +273,41 @@ class ReverseFunction(torch.autograd.Function):
         if ctx.first_column:
             grad_previous = [None] * NUM_LEVELS
         return (None, None, grad_x, *grad_previous, *grad_alphas, *grad_params)
+
+
+def _check_recomputable(ctx: Any) -> None:
+    """Raise unless the recompute can be the forward again: no double backward, no parameter changed since."""
+    if torch.is_grad_enabled():  # inside backward, grad mode is on exactly when create_graph=True
+        raise RuntimeError(
+            "RevCol's reversible backward (save_memory=True) does not support create_graph=True / double "
+            "backward (e.g. a gradient penalty): it recomputes each level inside backward, and the gradients "
+            "it returns are not differentiable. Build the model with save_memory=False (or set "
+            "model.save_memory = False) for this loss."
+        )
+    used = [t for level in ctx.named for _, t in level]
+    edited = any(t._version != v for t, v in zip(used, ctx.versions, strict=True))
+    if edited or _OPTIMIZER_STEPS.stepped_since(ctx.steps, used):
+        raise RuntimeError(
+            f"RevCol: a parameter of {type(ctx.subnet).__name__} was modified in place between forward and "
+            "backward (e.g. optimizer.step() before backward). The reversible backward recomputes the "
+            "forward and would give wrong gradients; call backward first, or build with save_memory=False."
+        )
+
+
+def _recompute(
+    ctx: Any, level: int, run: Callable[..., torch.Tensor], c_down: torch.Tensor, c_ups: list[torch.Tensor]
+) -> torch.Tensor:
+    """``L_level(c_down, *c_ups)`` again, with the forward's drop-path draws, autocast state and train mode."""
+    tape = _DrawTape(ctx.draws[level])
+    token = _TAPE.set(tape)
+    try:
+        with torch.enable_grad(), ctx.autocast.context(), _training_mode(ctx.subnet, ctx.training):
+            f = run(c_down, *c_ups)
+    finally:
+        _TAPE.reset(token)
+    if tape.used != len(tape.draws):
+        raise _changed_drop_path()
+    return f
 
 
 def _with_forward_parameters(
