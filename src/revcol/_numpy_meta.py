@@ -84,10 +84,10 @@ def reading() -> Iterator[None]:
 def numpy_patches(stream: BinaryIO, count: int = 1) -> list[tuple[int, bytes]]:
     """The byte patches (file offset, new bytes) that rename the allowed numpy globals of ``count`` pickles.
 
-    ``stream`` is positioned at the first pickle; offsets are ``stream.tell()`` positions; reading stops early at the
-    end of the stream. Only ``GLOBAL`` opcodes
-    (pickle protocol <= 3, torch.save's default is 2) and the string operands of ``STACK_GLOBAL`` (protocol >= 4)
-    that name one of ``NUMPY_GLOBALS`` are renamed; any other numpy global stays as it is, and is refused.
+    ``stream`` is positioned at the first pickle; offsets are ``stream.tell()`` positions; reading stops early at
+    the end of the stream. Renamed are the ``GLOBAL`` opcodes that name one of ``NUMPY_GLOBALS``; any other numpy
+    global stays as it is, and is refused. (Protocol 4's ``STACK_GLOBAL`` needs no renaming: torch's weights-only
+    unpickler refuses protocol 4 files at their first ``FRAME``.)
     """
     patches: list[tuple[int, bytes]] = []
     for _ in range(count):
@@ -95,21 +95,9 @@ def numpy_patches(stream: BinaryIO, count: int = 1) -> list[tuple[int, bytes]]:
         if not stream.read(1):  # fewer pickles than asked for: torch.load says what is missing
             break
         stream.seek(start)
-        strings: list[tuple[str, int, int]] = []  # the last strings pushed: value, offset of the text, its byte length
         for op, arg, position in pickletools.genops(stream):
-            if op.name == "GLOBAL":
-                module, name = arg.split(" ", 1)
-                if f"{module}.{name}" in NUMPY_GLOBALS:
-                    patches.append((position + 1, _RENAMED_PREFIX))
-            elif op.name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8"):
-                header = {"SHORT_BINUNICODE": 1, "BINUNICODE": 4, "BINUNICODE8": 8}[op.name]
-                strings = [*strings[-1:], (arg, position + 1 + header, len(arg.encode()))]
-            elif op.name == "STACK_GLOBAL" and len(strings) == 2:
-                (module, offset, _), (name, _, _) = strings
-                if f"{module}.{name}" in NUMPY_GLOBALS:
-                    patches.append((offset, _RENAMED_PREFIX))
-            elif op.name != "MEMOIZE":
-                strings = []
+            if op.name == "GLOBAL" and arg.replace(" ", ".", 1) in NUMPY_GLOBALS:
+                patches.append((position + 1, _RENAMED_PREFIX))  # the module name follows the opcode byte
     return patches
 
 
