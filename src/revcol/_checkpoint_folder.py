@@ -150,8 +150,7 @@ def swap(target: Path) -> None:
     """Put the complete staging folder in the place of ``target``; at every instant one complete copy exists."""
     staging, previous = staging_folder(target), _previous_folder(target)
     checksums = {file.name: _crc32(file) for file in sorted(staging.glob("*.distcp"))}
-    write_atomically(staging / CHECKSUMS, json.dumps(checksums, indent=0).encode())
-    fsync_folder(staging)
+    write_atomically(staging / CHECKSUMS, json.dumps(checksums, indent=0).encode())  # also syncs the folder
     if target.exists():
         target.rename(previous)
     staging.rename(target)

@@ -32,7 +32,7 @@ __all__ = ["NumpyValue", "PatchedFile", "numpy_patches", "reading"]
 _RECONSTRUCTORS = [
     f"{m}.{n}" for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("scalar", "_reconstruct")
 ]
-_DTYPE_CLASSES = [f"numpy.dtypes.{name}" for name in dir(getattr(np, "dtypes", None)) if name.endswith("DType")]
+_DTYPE_CLASSES = [f"numpy.dtypes.{name}" for name in vars(getattr(np, "dtypes", object)) if name.endswith("DType")]
 NUMPY_GLOBALS = frozenset(["numpy.ndarray", "numpy.dtype", *_RECONSTRUCTORS, *_DTYPE_CLASSES])
 _RENAMED_PREFIX = b"NUMPY"  # as long as b"numpy", which it replaces at the start of a module name
 
