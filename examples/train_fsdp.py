@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
 import revcol  # registers the RevCol timm models
-from revcol.distributed import load_checkpoint, save_checkpoint, shard
+from revcol.distributed.checkpoints import load_checkpoint, save_checkpoint
+from revcol.distributed.fsdp import shard
 
 CHECKPOINT = re.compile(r"epoch-(\d+)$")
 

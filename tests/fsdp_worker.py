@@ -28,7 +28,8 @@ import torch.distributed as dist
 from revcol_helpers import make_input, make_net, output_weights, relative_error
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from revcol.distributed import load_checkpoint, save_checkpoint, shard
+from revcol.distributed.checkpoints import load_checkpoint, save_checkpoint
+from revcol.distributed.fsdp import shard
 
 GLOBAL_BATCH = 4
 TOLERANCE = 1e-5  # float32; FSDP and one process differ only in summation order

@@ -26,7 +26,8 @@ import torch
 from revcol_helpers import make_net, revcol_env
 
 from revcol import CheckpointError
-from revcol.pretrained import read_backbone, read_checkpoint, save_backbone
+from revcol.checkpoints.backbone import read_backbone, save_backbone
+from revcol.checkpoints.files import read_checkpoint
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -86,7 +87,7 @@ def test_a_forged_numpy_dtype_neither_crashes_nor_is_rebuilt(forged, tmp_path):
         import pickle, sys, threading
         import torch
         import revcol
-        from revcol.pretrained import load_pretrained, read_backbone
+        from revcol.checkpoints.backbone import load_pretrained, read_backbone
 
         path = sys.argv[1]
         print("read:", sorted(read_backbone(path)))
@@ -118,7 +119,7 @@ def test_a_forged_numpy_dtype_neither_crashes_nor_is_rebuilt(forged, tmp_path):
 
 
 def test_numpy_metadata_becomes_placeholders_only_inside_revcols_reads(tmp_path):
-    from revcol._numpy_meta import NumpyValue, PatchedFile, numpy_patches, reading
+    from revcol.checkpoints._numpy_meta import NumpyValue, PatchedFile, numpy_patches, reading
 
     zipped, legacy = tmp_path / "meta.pth", tmp_path / "legacy.pth"
     checkpoint = {"meta": NUMPY_META, "state_dict": {"stem.0.bias": torch.ones(2)}}
@@ -280,7 +281,7 @@ SAVE_FOREVER = textwrap.dedent(
     import sys
     import torch
     from revcol import FullNet
-    from revcol.pretrained import save_backbone
+    from revcol.checkpoints.backbone import save_backbone
 
     path = sys.argv[1]
     model = FullNet(channels=(32, 64, 96, 128), layers=(1, 1, 2, 1), num_subnet=3)
@@ -326,7 +327,7 @@ def test_save_backbone_on_a_full_disk_keeps_the_previous_file(suffix, source, tm
         import resource, signal, sys
         import torch
         from revcol import CheckpointError
-        from revcol.pretrained import save_backbone
+        from revcol.checkpoints.backbone import save_backbone
         from revcol_helpers import make_net, revcol_env
 
         model = make_net(num_subnet=2, dtype=torch.float32, seed=99)

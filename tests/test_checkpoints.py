@@ -21,8 +21,8 @@ import pytest
 import torch
 from revcol_helpers import TINY_YOLO_YAML, revcol_env
 
+from revcol._atomic import write_atomically
 from revcol.demo import generate_dataset
-from revcol.trainers import write_atomically
 
 IMGSZ = 64
 

@@ -97,12 +97,12 @@ def test_other_user_errors_are_messages_not_tracebacks(tmp_path, monkeypatch, ca
 
 
 def test_errors_from_bugs_keep_their_traceback(monkeypatch):
-    from revcol import cli
+    from revcol.cli import commands
 
     def broken(args):
         raise KeyError("a bug, not a user error")
 
-    monkeypatch.setattr(cli, "_info", broken)
+    monkeypatch.setattr(commands, "_info", broken)
     with pytest.raises(KeyError, match="a bug"):
         main(["info"])
 
@@ -163,7 +163,7 @@ def test_predict_with_trained_weights(trained):
 
 
 def test_info_lists_every_shipped_config(capsys):
-    from revcol.contract import shipped_configs
+    from revcol.ultralytics.yaml_rows import shipped_configs
 
     assert main(["info"]) == 0
     out = capsys.readouterr().out

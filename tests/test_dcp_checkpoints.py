@@ -26,7 +26,8 @@ import torch.distributed.checkpoint as dcp
 from revcol_helpers import make_net, revcol_env
 
 from revcol import CheckpointError
-from revcol.distributed import CHECKSUMS, load_checkpoint, save_checkpoint
+from revcol.distributed._folder import CHECKSUMS
+from revcol.distributed.checkpoints import load_checkpoint, save_checkpoint
 
 TESTS = Path(__file__).resolve().parent
 RANDOM_KILLS = 6

@@ -16,16 +16,8 @@ import torch
 import yaml
 from revcol_helpers import revcol_env
 
-from revcol.demo import (
-    CLASSES,
-    MAX_SHAPES,
-    PICTURE_SIZE,
-    annotate,
-    available_cores,
-    generate_dataset,
-    offline,
-    training_threads,
-)
+from revcol.demo.run import PICTURE_SIZE, annotate, available_cores, offline, training_threads
+from revcol.demo.shapes import CLASSES, MAX_SHAPES, generate_dataset
 
 REVCOL = Path(sys.executable).with_name("revcol")
 # Share of a shape's box painted in the shape's colour, per class.

@@ -28,17 +28,21 @@ import yaml
 from revcol_helpers import TINY_CHANNELS, TINY_YOLO_YAML, WeightsServer, make_net, revcol_env
 
 import revcol
-from revcol import CheckpointError, VariantSpec, load_pretrained, weights
-from revcol.model import parameter_count
-from revcol.pretrained import read_checkpoint
-from revcol.weights import DEFAULT_TAGS, WEIGHTS, PublishedWeights, cache_path, download
+from revcol import CheckpointError, VariantSpec, load_pretrained
+from revcol.checkpoints.files import read_checkpoint
+from revcol.core.network import parameter_count
+from revcol.weights import cache as weights_cache
+from revcol.weights import published as weights_published
+from revcol.weights.cache import cache_path, download
+from revcol.weights.published import DEFAULT_TAGS, WEIGHTS, PublishedWeights
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 ENTRY = PublishedWeights("revcol_test", "in1k", "revcol_test_1k.pth", 224, 80.0, 1000)
 SERVED = f"/weights/{ENTRY.filename}"
 CHILD = f"""
-from revcol.weights import PublishedWeights, download
+from revcol.weights.published import PublishedWeights
+from revcol.weights.cache import download
 print(download(PublishedWeights(**{asdict(ENTRY)!r}), progress=False))
 """
 
@@ -137,7 +141,7 @@ def test_a_live_download_is_never_swept(serve, body, cache, tmp_path):
     try:
         _wait_for(lambda: any(p.stat().st_size > 0 for p in _parts(cache)))
         (live,) = _parts(cache)
-        assert weights.sweep_partial_files(cache, [ENTRY.filename]) == []  # what the next download would do
+        assert weights_cache.sweep_partial_files(cache, [ENTRY.filename]) == []  # what the next download would do
         assert live.exists()
         output = child.communicate(timeout=60)[0]
     finally:
@@ -153,7 +157,7 @@ def test_the_sweep_takes_only_unlocked_part_files_of_weights_files(cache):
     others = [cache / ".someone_else.pth.00.part", cache / "revcol_test_1k.pth.abc.partial", cache / "x.part"]
     for path in (abandoned, published, *others):
         path.write_bytes(b"partial")
-    removed = weights.sweep_partial_files(cache, [ENTRY.filename])
+    removed = weights_cache.sweep_partial_files(cache, [ENTRY.filename])
     assert sorted(removed) == sorted([abandoned, published])
     assert sorted(_files(cache)) == sorted(p.name for p in others)  # torch.hub's .partial and strangers stay
 
@@ -187,7 +191,7 @@ def _run_as_nobody(code: str, folder: Path) -> subprocess.CompletedProcess:
     home.mkdir()
     warm_up = home / "warm-up.pth"
     prologue = (
-        "import os, torch\nfrom revcol.pretrained import read_checkpoint\n"
+        "import os, torch\nfrom revcol.checkpoints import read_checkpoint\n"
         f"torch.save({{'w': torch.ones(1)}}, {str(warm_up)!r})\nread_checkpoint({str(warm_up)!r})\n"
         f"os.unlink({str(warm_up)!r})\nos.setgid({account.pw_gid})\nos.setuid({account.pw_uid})\n"
     )
@@ -225,7 +229,7 @@ def test_an_unreadable_cached_file_is_a_checkpoint_error_naming_it(shared_folder
             read_checkpoint(path)
         return
     code = (
-        "from revcol import CheckpointError\nfrom revcol.pretrained import read_checkpoint\n"
+        "from revcol import CheckpointError\nfrom revcol.checkpoints import read_checkpoint\n"
         f"try:\n    read_checkpoint({str(path)!r})\nexcept CheckpointError as e:\n    print('CheckpointError:', e)\n"
     )
     run = _run_as_nobody(code, shared_folder)
@@ -246,7 +250,7 @@ def test_a_cache_filled_by_root_is_readable_by_other_users(shared_folder, serve,
         os.umask(previous)
     for folder in (path.parent, path.parent.parent, path.parent.parent.parent):
         folder.chmod(0o755)
-    code = f"from revcol.pretrained import read_checkpoint\nprint(len(read_checkpoint({str(path)!r})))"
+    code = f"from revcol.checkpoints import read_checkpoint\nprint(len(read_checkpoint({str(path)!r})))"
     run = _run_as_nobody(code, shared_folder)
     assert run.returncode == 0, run.stderr
     assert int(run.stdout.strip().splitlines()[-1]) == len(make_net(num_subnet=2).state_dict())
@@ -282,9 +286,9 @@ def _fails_within(seconds: float, pattern: str) -> str:
 def test_a_trickling_body_is_cut_at_the_deadline(serve, cache, monkeypatch):
     server = serve("trickle")
     server.delay = 0.1  # ten bytes a second: every read brings something, none times out
-    monkeypatch.setattr(weights, "MIN_BYTES_PER_WINDOW", 0)  # the deadline alone
-    monkeypatch.setattr(weights, "DEADLINE_BASE_S", 1.0)
-    monkeypatch.setattr(weights, "MIN_RATE", 10**12)
+    monkeypatch.setattr(weights_cache, "MIN_BYTES_PER_WINDOW", 0)  # the deadline alone
+    monkeypatch.setattr(weights_cache, "DEADLINE_BASE_S", 1.0)
+    monkeypatch.setattr(weights_cache, "MIN_RATE", 10**12)
     message = _fails_within(3.0, r"not finished within its deadline of [0-9.]+ s \(got \d+ of \d+ bytes\)")
     assert 0 < server.sent["trickle"] < 40, message
     assert _files(cache) == []
@@ -293,23 +297,23 @@ def test_a_trickling_body_is_cut_at_the_deadline(serve, cache, monkeypatch):
 def test_a_trickle_fails_once_a_read_window_brings_too_little(serve, cache, monkeypatch):
     server = serve("trickle")
     server.delay = 0.05
-    monkeypatch.setattr(weights, "TIMEOUT_S", 0.5)
+    monkeypatch.setattr(weights_cache, "TIMEOUT_S", 0.5)
     _fails_within(3.0, r"too slow: \d+ bytes in [0-9.]+ s \(at least 65536 every 0.5 s are needed\)")
     assert _files(cache) == []
 
 
 def test_the_deadline_interrupts_a_read_that_would_wait_longer(serve, cache, monkeypatch):
     serve("stall")  # headers never come; the per-read timeout (5 s here) would end it much later
-    monkeypatch.setattr(weights, "TIMEOUT_S", 5.0)
-    monkeypatch.setattr(weights, "DEADLINE_BASE_S", 0.5)
-    monkeypatch.setattr(weights, "MIN_RATE", 10**12)
+    monkeypatch.setattr(weights_cache, "TIMEOUT_S", 5.0)
+    monkeypatch.setattr(weights_cache, "DEADLINE_BASE_S", 0.5)
+    monkeypatch.setattr(weights_cache, "MIN_RATE", 10**12)
     _fails_within(2.5, r"not finished within its deadline of [0-9.]+ s \(got 0 bytes\)")
     assert _files(cache) == []
 
 
 def test_an_endless_body_is_cut_at_the_size_bound(serve, cache, monkeypatch):
     server = serve("endless")
-    monkeypatch.setattr(weights, "MAX_DOWNLOAD_BYTES", 1 << 20)  # ENTRY publishes no parameter count
+    monkeypatch.setattr(weights_published, "MAX_DOWNLOAD_BYTES", 1 << 20)  # ENTRY publishes no parameter count
     _fails_within(10.0, r"the body is longer than the 1048576 bytes this file can be; stopped there")
     assert server.sent["endless"] < 64 << 20  # the socket's buffers, not the whole disk
     assert _files(cache) == []
@@ -326,11 +330,11 @@ def test_size_bounds_follow_the_published_parameter_counts():
         spec = revcol.VARIANTS[entry.variant]
         config = (spec.channels, spec.layers, spec.num_subnet, entry.kernel_size, spec.level0_from_coarsest)
         backbone = parameter_count(*config)
-        assert entry.max_bytes == int(entry.params_m * 1e6) * 24 + weights.SIZE_SLACK, entry
+        assert entry.max_bytes == int(entry.params_m * 1e6) * 24 + weights_published.SIZE_SLACK, entry
         # room at least for the backbone in float32 with the two Adam moments of an optimizer state saved with it
-        assert entry.max_bytes > 12 * backbone + weights.SIZE_SLACK, entry
+        assert entry.max_bytes > 12 * backbone + weights_published.SIZE_SLACK, entry
     assert WEIGHTS["revcol_tiny"]["in1k"].max_bytes > 114 << 20  # the real file (114 MB) fits
-    assert ENTRY.max_bytes == weights.MAX_DOWNLOAD_BYTES  # no count published: the generous cap
+    assert ENTRY.max_bytes == weights_published.MAX_DOWNLOAD_BYTES  # no count published: the generous cap
 
 
 # --------------------------------------------------------------------------- pretrained= naming no file (#19.8)

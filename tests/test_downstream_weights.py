@@ -21,10 +21,12 @@ import yaml
 from revcol_helpers import TINY_CHANNELS, TINY_RTDETR_YAML, WeightsServer, make_net
 
 import revcol
-from revcol import CheckpointError, ConfigError, FullNet, VariantSpec, contract, timm_models, weights
-from revcol.pretrained import read_backbone
-from revcol.variants import pretrained_kernel_size
-from revcol.weights import DEFAULT_TAGS, MIRROR_ROOT, WEIGHTS, PublishedWeights
+from revcol import CheckpointError, ConfigError, FullNet, VariantSpec, timm_models
+from revcol.checkpoints.backbone import read_backbone
+from revcol.ultralytics import yaml_rows as contract
+from revcol.weights import cache as weights_cache
+from revcol.weights.pretrained import pretrained_kernel_size
+from revcol.weights.published import DEFAULT_TAGS, MIRROR_ROOT, WEIGHTS, PublishedWeights
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -93,14 +95,14 @@ def test_the_table_holds_every_downstream_file_of_the_authors():
 
 
 def test_downstream_files_come_from_their_folders_on_the_mirror(monkeypatch):
-    monkeypatch.delenv(weights.URL_ENV, raising=False)
+    monkeypatch.delenv(weights_cache.URL_ENV, raising=False)
     for (variant, tag), (filename, trained_for, _, _) in EXPECTED.items():
         entry = WEIGHTS[variant][tag]
         folder = "detection" if trained_for == COCO else "segmentation"
         url = f"{MIRROR_ROOT}{folder}/{filename}"
         assert url.startswith("https://huggingface.co/LarryTsai/RevCol/resolve/main/revcol_models/")
         assert not entry.in_release and entry.url == entry.mirror_url == url
-        assert weights.candidate_urls(entry) == [url]
+        assert weights_cache.candidate_urls(entry) == [url]
         assert entry.num_classes is None and entry.top1 is None  # no classifier in these files
     for tag in DEFAULT_TAGS.values():  # pretrained=True stays an ImageNet classifier
         assert not any(e.is_downstream and e.tag == tag for tags in WEIGHTS.values() for e in tags.values())
@@ -322,7 +324,7 @@ def test_revcol_download_fetches_checks_and_prints_each_tag(downstream, capsys):
     server, _ = downstream
     for tag, _, _ in TAGS:
         assert main(["download", FAKE, tag]) == 0
-        assert capsys.readouterr().out.strip() == str(weights.cache_path(WEIGHTS[FAKE][tag]))
+        assert capsys.readouterr().out.strip() == str(weights_cache.cache_path(WEIGHTS[FAKE][tag]))
     assert main(["info", FAKE]) == 0
     out = capsys.readouterr().out
     rows = [line.split() for line in out.split("\n\n")[-1].splitlines() if line.startswith(FAKE)]

@@ -18,8 +18,8 @@ from ultralytics import RTDETR, YOLO
 
 from revcol import FullNet
 from revcol.demo import generate_dataset
-from revcol.integration import RevColBackbone
-from revcol.trainers import RevColDetectionTrainer, RevColRTDETRTrainer, no_decay_parameters
+from revcol.ultralytics.backbone import RevColBackbone
+from revcol.ultralytics.trainers import RevColDetectionTrainer, RevColRTDETRTrainer, no_decay_parameters
 
 IMGSZ = 64
 
@@ -200,7 +200,7 @@ def test_ddp_worker_registers_revcol_in_a_fresh_interpreter(rtdetr):
         env = {**os.environ, "YOLO_OFFLINE": "true"}
         out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env)
         assert out.returncode == 0, out.stderr[-3000:]
-        assert "worker: revcol.trainers RevColRTDETRTrainer registered: True" in out.stdout
+        assert "worker: revcol.ultralytics.trainers RevColRTDETRTrainer registered: True" in out.stdout
     finally:
         file.unlink(missing_ok=True)
         file.with_suffix(".pt").unlink(missing_ok=True)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from revcol_helpers import revcol_env
 
-from revcol.distributed import cpu_fsdp_supported
+from revcol.distributed.fsdp import cpu_fsdp_supported
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SCRIPTS = ("train_rtdetr", "backbone", "check_gradients", "train_fsdp")

@@ -20,7 +20,8 @@ import torch.distributed as dist
 from revcol_helpers import make_net, revcol_env
 
 from revcol import CheckpointError, ConfigError
-from revcol.distributed import cpu_fsdp_supported, load_checkpoint, save_checkpoint, shard
+from revcol.distributed.checkpoints import load_checkpoint, save_checkpoint
+from revcol.distributed.fsdp import cpu_fsdp_supported, shard
 
 WORKER = Path(__file__).resolve().parent / "fsdp_worker.py"
 TIMEOUT = 420  # seconds for one launch, all its ranks

@@ -20,11 +20,11 @@ from ultralytics.nn import tasks
 from ultralytics.nn.modules import Index
 
 import revcol
-from revcol import hooks, integration
-from revcol.integration import RevColBackbone
-from revcol.trainers import RevColDetectionTrainer, exclude_from_weight_decay, no_decay_parameters
+from revcol.ultralytics import hooks, releases, yaml_rows
+from revcol.ultralytics.backbone import RevColBackbone
+from revcol.ultralytics.trainers import RevColDetectionTrainer, exclude_from_weight_decay, no_decay_parameters
 
-SEED_YAML = integration.CONFIG_DIR / "rtdetr-revcol.yaml"
+SEED_YAML = yaml_rows.CONFIG_DIR / "rtdetr-revcol.yaml"
 TINY = {"channels": [8, 16, 24, 32], "layers": [1, 1, 1, 1], "num_subnet": 2}
 
 
@@ -70,7 +70,7 @@ def test_shipped_configs_load_by_bare_name_from_any_directory(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     model = RTDETR("rtdetr-revcol-cpu.yaml")
     assert isinstance(model.model.model[0], RevColBackbone)
-    assert {p.name for p in integration.CONFIG_DIR.glob("*.yaml")} >= {
+    assert {p.name for p in yaml_rows.CONFIG_DIR.glob("*.yaml")} >= {
         "rtdetr-revcol.yaml",
         "rtdetr-revcol-cpu.yaml",
         "yolo-revcol.yaml",
@@ -197,7 +197,7 @@ def test_scoped_groups_apply_for_the_block_and_restore_exactly(group, context):
 
 
 def test_no_unittest_mock_in_the_library():
-    for path in Path(revcol.__file__).parent.glob("*.py"):
+    for path in Path(revcol.__file__).parent.rglob("*.py"):
         tree = ast.parse(path.read_text())
         imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
@@ -205,7 +205,7 @@ def test_no_unittest_mock_in_the_library():
 
 
 def test_the_yaml_contract_imports_no_ultralytics():
-    source = (Path(revcol.__file__).parent / "contract.py").read_text()
+    source = (Path(revcol.__file__).parent / "ultralytics" / "yaml_rows.py").read_text()
     tree = ast.parse(source)
     modules = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     modules |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
@@ -299,10 +299,10 @@ def test_supported_range_is_the_one_in_the_package_metadata():
     import importlib.metadata
 
     declared = next(r for r in importlib.metadata.requires("revcol") if r.startswith("ultralytics") and "<" in r)
-    assert declared == f"ultralytics{integration.supported_ultralytics()}"
+    assert declared == f"ultralytics{releases.supported_ultralytics()}"
     from ultralytics.utils.checks import check_version
 
-    assert check_version(ultralytics.__version__, integration.supported_ultralytics())
+    assert check_version(ultralytics.__version__, releases.supported_ultralytics())
 
 
 @pytest.mark.parametrize("version", ["9.1.0", "8.4.66"])
@@ -310,7 +310,7 @@ def test_unsupported_ultralytics_version_is_refused(monkeypatch, version):
     revcol.unregister()
     monkeypatch.setattr(ultralytics, "__version__", version)
     try:
-        with pytest.raises(RuntimeError, match=rf"{integration.supported_ultralytics()}.*{version}"):
+        with pytest.raises(RuntimeError, match=rf"{releases.supported_ultralytics()}.*{version}"):
             revcol.register()
         assert not revcol.is_registered()
     finally:

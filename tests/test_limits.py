@@ -14,7 +14,7 @@ from revcol_helpers import TINY_CHANNELS, TINY_YOLO_YAML
 
 import revcol
 from revcol import ConfigError, FullNet, SubNet
-from revcol.model import MAX_CHANNELS, MAX_COLUMNS, MAX_DEPTH, MAX_KERNEL, MAX_PARAMETERS, parameter_count
+from revcol.core.network import MAX_CHANNELS, MAX_COLUMNS, MAX_DEPTH, MAX_KERNEL, MAX_PARAMETERS, parameter_count
 
 TINY = {"channels": TINY_CHANNELS, "layers": (1, 1, 1, 1), "num_subnet": 2}
 ABSURD = [

@@ -22,7 +22,7 @@ from revcol_helpers import (
 
 import revcol
 from revcol import FullNet, ReverseFunction, SubNet
-from revcol.model import bounded_alpha
+from revcol.core.network import bounded_alpha
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -415,7 +415,7 @@ def test_initial_weights_have_the_authors_distribution():
 
 def test_trunc_normal_redraws_everything_outside_its_bounds():
     """With bounds inside the bulk (here +-0.5 std), the rejection sampler matches the truncated normal and timm's."""
-    from revcol.model import trunc_normal_
+    from revcol.core.blocks import trunc_normal_
 
     torch.manual_seed(0)
     std, a, b = 0.02, -0.01, 0.01

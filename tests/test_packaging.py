@@ -17,7 +17,12 @@ import revcol
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DIR = Path(revcol.__file__).parent
-CORE_MODULES = ["__init__.py", "model.py", "reversible.py", "variants.py", "pretrained.py", "errors.py"]
+CORE_MODULES = [
+    "__init__.py",
+    "errors.py",
+    *(f"{p.parent.name}/{p.name}" for p in sorted(PACKAGE_DIR.glob("core/*.py"))),
+]
+CORE_MODULES += [f"checkpoints/{p.name}" for p in sorted(PACKAGE_DIR.glob("checkpoints/*.py"))]
 
 
 def test_wheel_install_loads_shipped_configs_by_bare_name(tmp_path):
@@ -153,7 +158,7 @@ def test_core_source_uses_no_deprecated_api():
         text = (PACKAGE_DIR / module).read_text()
         for name in forbidden:
             assert name not in text, f"{module} uses deprecated {name}"
-    assert re.search(r"is_autocast_enabled\(\s*\)", (PACKAGE_DIR / "reversible.py").read_text()) is None
+    assert re.search(r"is_autocast_enabled\(\s*\)", (PACKAGE_DIR / "core" / "reversible.py").read_text()) is None
 
 
 def test_core_path_emits_no_deprecation_warning(tmp_path):

@@ -64,7 +64,7 @@ def test_output_shapes_width_list_and_reversible_gradients(config):
     )
 )
 def test_bounded_alpha_property(values):
-    from revcol.model import ALPHA_BOUND, bounded_alpha
+    from revcol.core.network import ALPHA_BOUND, bounded_alpha
 
     for dtype in (torch.float32, torch.float64):
         alpha = torch.tensor(values, dtype=dtype)

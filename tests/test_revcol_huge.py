@@ -13,7 +13,9 @@ from test_model import expected_parameters, reference_forward
 
 import revcol
 from revcol import CheckpointError, FullNet, RevColBackbone, load_pretrained, weights
-from revcol.variants import revcol_huge
+from revcol.factory import revcol_huge
+from revcol.weights import cache as weights_cache
+from revcol.weights import published as weights_published
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -142,12 +144,12 @@ def test_checkpoint_with_up2_loads_only_into_the_matching_wiring(tmp_path):
 
 
 def test_published_megdata_weights_come_from_the_mirror_only(monkeypatch):
-    monkeypatch.delenv(weights.URL_ENV, raising=False)
+    monkeypatch.delenv("REVCOL_WEIGHTS_URL", raising=False)
     entries = weights.WEIGHTS["revcol_huge"]
     assert weights.DEFAULT_TAGS["revcol_huge"] == "megdata_ft_in1k"
     for entry in (e for e in entries.values() if not e.is_downstream):  # downstream: test_downstream_weights.py
         assert not entry.in_release
-        assert weights.candidate_urls(entry) == [weights.MIRROR_BASE + entry.filename]
+        assert weights_cache.candidate_urls(entry) == [weights_published.MIRROR_BASE + entry.filename]
         assert entry.url == entry.mirror_url
 
 

@@ -16,7 +16,7 @@ from revcol_helpers import (
 
 import revcol
 from revcol import ReverseFunction
-from revcol.model import ALPHA_BOUND, bounded_alpha
+from revcol.core.network import ALPHA_BOUND, bounded_alpha
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

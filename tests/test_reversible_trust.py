@@ -18,7 +18,7 @@ import torch
 from revcol_helpers import assert_close_per_tensor, make_input, make_net, output_weights, run_grads
 from timm.layers import DropPath
 
-from revcol import reversible
+from revcol.core import reversible
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

@@ -19,8 +19,10 @@ from revcol_helpers import TINY_RTDETR_YAML
 from ultralytics import RTDETR
 from ultralytics.nn import tasks
 
-from revcol import FullNet, integration
-from revcol.integration import RevColBackbone, checkpoint_classes_allowed
+from revcol import FullNet
+from revcol.ultralytics import safe_load
+from revcol.ultralytics.backbone import RevColBackbone
+from revcol.ultralytics.safe_load import checkpoint_classes_allowed
 
 
 class _Call:
@@ -150,10 +152,12 @@ def test_overlapping_scopes_keep_the_entries_until_the_last_leaves():
 
 
 def test_stand_ins_never_run_init_and_refuse_arguments():
-    maker = {name: obj for obj, name in integration._checkpoint_globals()}["revcol.model.FullNet"]
+    makers = {name: obj for obj, name in safe_load._checkpoint_globals()}
+    maker = makers["revcol.core.network.FullNet"]
+    assert makers["revcol.model.FullNet"] is maker  # the name files saved before the module map pickle
     bare = maker()
     assert type(bare) is FullNet and not hasattr(bare, "channels")
-    with pytest.raises(pickle.UnpicklingError, match=r"refusing to call revcol\.model\.FullNet with arguments"):
+    with pytest.raises(pickle.UnpicklingError, match=r"refusing to call revcol\.core\.network\.FullNet with arguments"):
         maker([8, 16, 24, 32], [1, 1, 1, 1], 2)
 
 

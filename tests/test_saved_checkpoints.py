@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import revcol  # noqa: F401  (makes the RevCol classes known to Ultralytics)
-from revcol.model import FullNet
+from revcol.core.network import FullNet
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SAVED = FIXTURES / "yolo-revcol-tiny-f4fd18d.pt"

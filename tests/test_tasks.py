@@ -28,8 +28,8 @@ from ultralytics.utils.checks import check_version
 
 from revcol import ConfigError
 from revcol.demo import generate_dataset
-from revcol.integration import RevColBackbone
-from revcol.trainers import no_decay_parameters
+from revcol.ultralytics.backbone import RevColBackbone
+from revcol.ultralytics.trainers import no_decay_parameters
 
 IMGSZ = 64
 HAS_DEPTH = check_version(ultralytics.__version__, ">=8.4.104")

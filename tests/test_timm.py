@@ -22,8 +22,9 @@ from timm.models import FeatureInfo, get_pretrained_cfg
 from timm.optim import create_optimizer_v2
 
 import revcol
-from revcol import CheckpointError, ConfigError, FullNet, RevColClassifier, VariantSpec, lr_decay, timm_models
-from revcol.weights import DEFAULT_TAGS, WEIGHTS, PublishedWeights
+from revcol import CheckpointError, ConfigError, FullNet, RevColClassifier, VariantSpec, timm_models
+from revcol.core import param_groups as lr_decay
+from revcol.weights.published import DEFAULT_TAGS, WEIGHTS, PublishedWeights
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

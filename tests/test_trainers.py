@@ -25,10 +25,11 @@ from ultralytics.models.yolo.segment import SegmentationTrainer
 from ultralytics.utils import DEFAULT_CFG
 from ultralytics.utils.checks import check_version
 
-from revcol import ConfigError, FullNet, RevColBackbone, hooks, trainers
+from revcol import ConfigError, FullNet, RevColBackbone
+from revcol.core.param_groups import depth_map, layer_id, lr_scale, num_layers
 from revcol.demo import generate_dataset
-from revcol.lr_decay import depth_map, layer_id, lr_scale, num_layers
-from revcol.trainers import (
+from revcol.ultralytics import hooks, trainers
+from revcol.ultralytics.trainers import (
     TRAINERS,
     RevColClassificationTrainer,
     RevColDetectionTrainer,
@@ -118,13 +119,13 @@ def test_every_trainer_of_the_installed_ultralytics_task_maps_is_covered(tmp_pat
             trainer = entry["trainer"]
             made = TRAINERS[trainer]
             assert made.__name__ == f"RevCol{trainer.__name__}" and getattr(trainers, made.__name__) is made, task
-            assert issubclass(made, trainer) and made.__module__ == "revcol.trainers"
+            assert issubclass(made, trainer) and made.__module__ == "revcol.ultralytics.trainers"
             definer = next(c for c in trainer.__mro__ if "get_model" in vars(c))
             assert definer in wrapped and hasattr(vars(definer)["get_model"], "__wrapped__"), task
 
 
 def test_a_trainer_defined_later_gets_its_revcol_class_by_name():
-    """A trainer class Ultralytics defines after revcol was imported: importable as revcol.trainers.RevCol<name>."""
+    """A trainer class Ultralytics defines after revcol was imported: importable as revcol.ultralytics.trainers.RevCol<name>."""
 
     later = type("LaterTrainer", (DetectionTrainer,), {"__module__": "ultralytics.models.yolo.later"})
     try:

@@ -22,9 +22,13 @@ import yaml
 from revcol_helpers import TINY_CHANNELS, TINY_RTDETR_YAML, WeightsServer, make_net, revcol_env
 
 import revcol
-from revcol import CheckpointError, FullNet, VariantSpec, load_pretrained, weights
-from revcol.pretrained import read_checkpoint
-from revcol.weights import DEFAULT_TAGS, WEIGHTS, PublishedWeights, cache_path, download, is_cached, resolve
+from revcol import CheckpointError, FullNet, VariantSpec, load_pretrained
+from revcol.checkpoints.files import read_checkpoint
+from revcol.weights import cache as weights_cache
+from revcol.weights import published as weights_published
+from revcol.weights.cache import cache_path, download, is_cached
+from revcol.weights.pretrained import resolve
+from revcol.weights.published import DEFAULT_TAGS, WEIGHTS, PublishedWeights
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -122,7 +126,7 @@ def serving(server, checkpoint, monkeypatch) -> WeightsServer:
 
 
 def _cache_files() -> list[str]:
-    folder = weights.cache_dir()
+    folder = weights_cache.cache_dir()
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
 
 
@@ -160,9 +164,9 @@ def test_urls_release_then_mirror_unless_overridden(monkeypatch):
     assert entry.url == RELEASE + "revcol_base_22k_1kft_384.pth"
     assert entry.mirror_url == MIRROR + "revcol_base_22k_1kft_384.pth"
     monkeypatch.setenv("REVCOL_WEIGHTS_URL", "http://127.0.0.1:1/some/mirror/")
-    assert weights.candidate_urls(entry) == ["http://127.0.0.1:1/some/mirror/revcol_base_22k_1kft_384.pth"]
+    assert weights_cache.candidate_urls(entry) == ["http://127.0.0.1:1/some/mirror/revcol_base_22k_1kft_384.pth"]
     monkeypatch.delenv("REVCOL_WEIGHTS_URL")
-    assert weights.candidate_urls(entry) == [entry.url, entry.mirror_url]
+    assert weights_cache.candidate_urls(entry) == [entry.url, entry.mirror_url]
 
 
 def test_each_entry_has_its_source_release_then_mirror_or_mirror_only(monkeypatch):
@@ -171,16 +175,16 @@ def test_each_entry_has_its_source_release_then_mirror_or_mirror_only(monkeypatc
     for entry in (e for tags in WEIGHTS.values() for e in tags.values() if not e.is_downstream):
         mirror = MIRROR + entry.filename
         if entry.filename in MIRROR_ONLY:
-            assert not entry.in_release and weights.candidate_urls(entry) == [mirror] == [entry.url]
+            assert not entry.in_release and weights_cache.candidate_urls(entry) == [mirror] == [entry.url]
         else:
-            assert entry.in_release and weights.candidate_urls(entry) == [RELEASE + entry.filename, mirror]
+            assert entry.in_release and weights_cache.candidate_urls(entry) == [RELEASE + entry.filename, mirror]
 
 
 def test_a_mirror_only_file_is_never_asked_of_the_release(server, checkpoint, monkeypatch):
     """pretrained=True for revcol_huge: its default file, fetched from the mirror and nowhere else."""
     monkeypatch.delenv("REVCOL_WEIGHTS_URL")
-    monkeypatch.setattr(weights, "PRIMARY_BASE", server.base + "/release/")
-    monkeypatch.setattr(weights, "MIRROR_BASE", server.base + "/mirror/")
+    monkeypatch.setattr(weights_published, "PRIMARY_BASE", server.base + "/release/")
+    monkeypatch.setattr(weights_published, "MIRROR_BASE", server.base + "/mirror/")
     server.files["/weights/mirror/revcol_huge_megdata_in1k.pth"] = (checkpoint[0], "ok")
     path = resolve("revcol_huge", True)
     assert path == cache_path(WEIGHTS["revcol_huge"]["megdata_ft_in1k"]) and path.read_bytes() == checkpoint[0]
@@ -270,7 +274,7 @@ def test_server_not_running(offline):
 def test_a_stalled_server_times_out(server, checkpoint, monkeypatch):
     server.files[SERVED_PATH] = (checkpoint[0], "stall")
     monkeypatch.setenv("REVCOL_WEIGHTS_URL", server.base)
-    monkeypatch.setattr(weights, "TIMEOUT_S", 0.3)
+    monkeypatch.setattr(weights_cache, "TIMEOUT_S", 0.3)
     start = time.monotonic()
     assert "no answer within 0.3 s" in _failed_download(server.base)
     assert time.monotonic() - start < 3
@@ -278,8 +282,8 @@ def test_a_stalled_server_times_out(server, checkpoint, monkeypatch):
 
 def test_release_missing_falls_back_to_the_mirror(server, checkpoint, monkeypatch):
     monkeypatch.delenv("REVCOL_WEIGHTS_URL")
-    monkeypatch.setattr(weights, "PRIMARY_BASE", f"http://127.0.0.1:{_closed_port()}/release/")
-    monkeypatch.setattr(weights, "MIRROR_BASE", server.base + "/")
+    monkeypatch.setattr(weights_published, "PRIMARY_BASE", f"http://127.0.0.1:{_closed_port()}/release/")
+    monkeypatch.setattr(weights_published, "MIRROR_BASE", server.base + "/")
     server.files[SERVED_PATH] = (checkpoint[0], "ok")
     assert download(TEST_ENTRY, progress=False).read_bytes() == checkpoint[0]
 
@@ -287,8 +291,8 @@ def test_release_missing_falls_back_to_the_mirror(server, checkpoint, monkeypatc
 def test_every_url_tried_is_reported(server, monkeypatch):
     monkeypatch.delenv("REVCOL_WEIGHTS_URL")
     release = f"http://127.0.0.1:{_closed_port()}/release"
-    monkeypatch.setattr(weights, "PRIMARY_BASE", release + "/")
-    monkeypatch.setattr(weights, "MIRROR_BASE", server.base + "/")
+    monkeypatch.setattr(weights_published, "PRIMARY_BASE", release + "/")
+    monkeypatch.setattr(weights_published, "MIRROR_BASE", server.base + "/")
     message = _failed_download(release)
     lines = message.splitlines()
     assert lines[1] == f"  {release}/{TEST_ENTRY.filename}: Connection refused"
@@ -303,7 +307,8 @@ def test_unwritable_cache_is_a_clear_error(tmp_path, monkeypatch):
 
 
 CHILD = f"""
-from revcol.weights import PublishedWeights, download
+from revcol.weights.published import PublishedWeights
+from revcol.weights.cache import download
 print(download(PublishedWeights(**{asdict(TEST_ENTRY)!r}), progress=False))
 """
 
@@ -399,7 +404,7 @@ def test_variant_builder_takes_true_or_a_tag(pretrained, serving, checkpoint):
 def test_yaml_backbone_line_takes_true_a_tag_or_a_path(pretrained, serving, checkpoint, tmp_path, monkeypatch):
     from ultralytics.nn.tasks import RTDETRDetectionModel
 
-    from revcol import contract
+    from revcol.ultralytics import yaml_rows as contract
 
     monkeypatch.setattr(contract, "BACKBONE_NAMES", contract.BACKBONE_NAMES | {"revcol_test"})
     if pretrained == "path":

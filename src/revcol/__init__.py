@@ -8,16 +8,15 @@ How the pieces fit together: ``docs/design.md`` in the repository.
 import importlib.metadata
 import warnings
 
+from revcol import _legacy
+from revcol.checkpoints import LoadResult, load_pretrained, save_backbone
+from revcol.core.blocks import ConvNextBlock, Fusion, UpSample
+from revcol.core.network import FullNet, Level, SubNet
+from revcol.core.reversible import ReverseFunction
+from revcol.core.variants import VARIANTS, VariantSpec
 from revcol.errors import CheckpointError, ConfigError, InputError, RevColError
-from revcol.model import ConvNextBlock, FullNet, Fusion, Level, SubNet, UpSample
-from revcol.pretrained import LoadResult, load_pretrained, save_backbone
-from revcol.reversible import ReverseFunction
-from revcol.timm_models import RevColClassifier, load_classifier_weights
-from revcol.variants import (
-    VARIANTS,
-    VariantSpec,
+from revcol.factory import (
     build_variant,
-    load_weights,
     revcol_base,
     revcol_huge,
     revcol_large,
@@ -25,14 +24,18 @@ from revcol.variants import (
     revcol_tiny,
     revcol_xlarge,
 )
+from revcol.timm_models import RevColClassifier, load_classifier_weights
+from revcol.weights import load_weights
 
 try:
     __version__ = importlib.metadata.version("revcol")
 except importlib.metadata.PackageNotFoundError:  # imported from a source tree that was never installed
     __version__ = "0+unknown"
 
-from revcol.hooks import is_registered, register, unregister
-from revcol.integration import RevColBackbone
+from revcol.ultralytics.backbone import RevColBackbone
+from revcol.ultralytics.hooks import is_registered, register, unregister
+
+_legacy.install()
 
 try:
     register()

@@ -22,11 +22,14 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from torch import nn
 
-from revcol import lr_decay, weights
+from revcol import weights
+from revcol.checkpoints.backbone import LoadResult, load_backbone_state, read_backbone
+from revcol.core import param_groups
+from revcol.core.blocks import NORM_EPS
+from revcol.core.network import FullNet
+from revcol.core.variants import VARIANTS, get_variant
 from revcol.errors import CheckpointError, ConfigError
-from revcol.model import NORM_EPS, FullNet
-from revcol.pretrained import LoadResult, load_backbone_state, read_backbone
-from revcol.variants import VARIANTS, get_variant, pretrained_kernel_size
+from revcol.weights.pretrained import pretrained_kernel_size
 
 POOL_TYPES = ("avg", "max", "avgmax", "")  # pooled width must stay C3: the norm's shape is fixed by the checkpoints
 FEATURE_CLASSES = ("getter", "hook")
@@ -181,10 +184,10 @@ class RevColClassifier(FullNet):
         self.save_memory = bool(enable)
 
     def group_matcher(self, coarse: bool = False) -> dict[str, str] | Callable[[str], int]:
-        """Fine: the authors' column-aware depth of each parameter (``revcol.lr_decay.layer_id``); coarse: columns."""
+        """Fine: the authors' column-aware depth of each parameter (``param_groups.layer_id``); coarse: columns."""
         if coarse:
             return {"stem": r"^stem", "blocks": r"^subnet(\d+)"}
-        return partial(lr_decay.layer_id, layers=self.layers, num_subnet=self.num_subnet)
+        return partial(param_groups.layer_id, layers=self.layers, num_subnet=self.num_subnet)
 
     def no_weight_decay(self) -> set[str]:
         """The column alphas, which are 4-D, so timm's rule for 1-D tensors (norms, gammas, biases) misses them."""

@@ -31,11 +31,12 @@ from ultralytics.engine.trainer import BaseTrainer
 from ultralytics.nn.tasks import yaml_model_load
 
 from revcol._atomic import replace_atomically, write_atomically
-from revcol.contract import names_revcol_backbone, without_pretrained
-from revcol.hooks import subclasses_in
-from revcol.integration import check_heads
-from revcol.lr_decay import check_lr_decay, lr_scale
-from revcol.model import ConvNextBlock, FullNet, SubNet
+from revcol.core.blocks import ConvNextBlock
+from revcol.core.network import FullNet, SubNet
+from revcol.core.param_groups import check_lr_decay, lr_scale
+from revcol.ultralytics.hooks import subclasses_in
+from revcol.ultralytics.releases import check_heads
+from revcol.ultralytics.yaml_rows import names_revcol_backbone, without_pretrained
 
 # Importing it imports every task package, and with them every trainer class Ultralytics defines.
 TRAINER_PACKAGE = "ultralytics.models"

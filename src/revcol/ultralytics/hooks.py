@@ -46,41 +46,42 @@ class Hook:
 
 TASKS = "ultralytics.nn.tasks"
 TRAINER = "ultralytics.engine.trainer:BaseTrainer"
+OURS, WRAPPERS, TRAINERS = __name__, "revcol.ultralytics.wrappers", "revcol.ultralytics.trainers"
 
 HOOKS: tuple[Hook, ...] = (
-    Hook(TASKS, "RevColBackbone", "revcol.hooks:backbone_class", "the layer name an expanded row refers to",
+    Hook(TASKS, "RevColBackbone", f"{OURS}:backbone_class", "the layer name an expanded row refers to",
          guard=False),
-    Hook(TASKS, "parse_model", "revcol.integration:wrap_parse_model", "expand the RevCol row before parsing"),
-    Hook(TASKS, "check_yaml", "revcol.integration:wrap_check_yaml", "shipped configs by bare name"),
-    Hook(f"{TASKS}:BaseModel", "predict", "revcol.integration:wrap_predict", "embed= of layer 0 means its 4 maps"),
-    Hook(f"{TASKS}:RTDETRDetectionModel", "predict", "revcol.integration:wrap_predict", "RT-DETR's own predict"),
-    Hook(f"{TASKS}:_SafeLoad", "loading", "revcol.integration:wrap_safe_loading",
+    Hook(TASKS, "parse_model", f"{WRAPPERS}:wrap_parse_model", "expand the RevCol row before parsing"),
+    Hook(TASKS, "check_yaml", f"{WRAPPERS}:wrap_check_yaml", "shipped configs by bare name"),
+    Hook(f"{TASKS}:BaseModel", "predict", f"{WRAPPERS}:wrap_predict", "embed= of layer 0 means its 4 maps"),
+    Hook(f"{TASKS}:RTDETRDetectionModel", "predict", f"{WRAPPERS}:wrap_predict", "RT-DETR's own predict"),
+    Hook(f"{TASKS}:_SafeLoad", "loading", "revcol.ultralytics.safe_load:wrap_safe_loading",
          "RevCol classes allowed only inside Ultralytics' restricted load", static=True),
-    Hook("ultralytics.engine.model:Model", "_smart_load", "revcol.trainers:wrap_smart_load",
+    Hook("ultralytics.engine.model:Model", "_smart_load", f"{TRAINERS}:wrap_smart_load",
          "a RevCol model trains with a revcol.trainers class, which a DDP worker imports"),
-    Hook(TRAINER, "build_optimizer", "revcol.trainers:wrap_build_optimizer",
+    Hook(TRAINER, "build_optimizer", f"{TRAINERS}:wrap_build_optimizer",
          "no weight decay on alphas and gammas; the layer-wise lr decay"),
-    Hook(TRAINER, "get_model", "revcol.trainers:wrap_get_model",
+    Hook(TRAINER, "get_model", f"{TRAINERS}:wrap_get_model",
          "a model about to get trained weights is built without its pretrained file",
          subclasses="ultralytics.models"),
-    Hook(TRAINER, "save_model", "revcol.trainers:wrap_save_model", "last.pt, best.pt, epoch<N>.pt written atomically"),
-    Hook("ultralytics.engine.trainer", "strip_optimizer", "revcol.trainers:wrap_strip_optimizer",
+    Hook(TRAINER, "save_model", f"{TRAINERS}:wrap_save_model", "last.pt, best.pt, epoch<N>.pt written atomically"),
+    Hook("ultralytics.engine.trainer", "strip_optimizer", f"{TRAINERS}:wrap_strip_optimizer",
          "the final rewrite of last.pt and best.pt atomic too"),
-    Hook("ultralytics.utils.dist", "generate_ddp_file", "revcol.trainers:wrap_generate_ddp_file",
+    Hook("ultralytics.utils.dist", "generate_ddp_file", f"{TRAINERS}:wrap_generate_ddp_file",
          "the DDP worker file of a RevCol run imports revcol first"),
-    Hook("ultralytics.utils.checks", "check_font", "revcol.hooks:local_font",
+    Hook("ultralytics.utils.checks", "check_font", f"{OURS}:local_font",
          "no font download: a font already there or matplotlib's", group=OFFLINE),
-    Hook("ultralytics.data.utils", "check_font", "revcol.hooks:local_font", "its own reference to check_font",
+    Hook("ultralytics.data.utils", "check_font", f"{OURS}:local_font", "its own reference to check_font",
          group=OFFLINE, optional=True),
-    Hook("ultralytics.utils.plotting", "check_font", "revcol.hooks:local_font", "its own reference to check_font",
+    Hook("ultralytics.utils.plotting", "check_font", f"{OURS}:local_font", "its own reference to check_font",
          group=OFFLINE, optional=True),
-    Hook("ultralytics.utils.checks", "ONLINE", "revcol.hooks:false", "no PyPI update check", group=OFFLINE,
+    Hook("ultralytics.utils.checks", "ONLINE", f"{OURS}:false", "no PyPI update check", group=OFFLINE,
          guard=False),
-    Hook("ultralytics.utils.events:events", "enabled", "revcol.hooks:false", "no usage analytics", group=OFFLINE,
+    Hook("ultralytics.utils.events:events", "enabled", f"{OURS}:false", "no usage analytics", group=OFFLINE,
          guard=False),
-    Hook("ultralytics.cfg", "ARGV", "revcol.hooks:yolo_argv", "the command line Ultralytics' CLI reads", group=CLI,
+    Hook("ultralytics.cfg", "ARGV", f"{OURS}:yolo_argv", "the command line Ultralytics' CLI reads", group=CLI,
          guard=False),
-    Hook("ultralytics.engine.model", "ARGV", "revcol.hooks:yolo_argv", "its copy: `yolo predict` saves by default",
+    Hook("ultralytics.engine.model", "ARGV", f"{OURS}:yolo_argv", "its copy: `yolo predict` saves by default",
          group=CLI, guard=False),
 )  # fmt: skip
 
@@ -89,7 +90,7 @@ HOOKS: tuple[Hook, ...] = (
 
 
 def backbone_class(original: Any) -> type:
-    from revcol.integration import RevColBackbone
+    from revcol.ultralytics.backbone import RevColBackbone
 
     return RevColBackbone
 
@@ -285,7 +286,7 @@ def register() -> None:
         import ultralytics
         from ultralytics.utils.checks import check_version
 
-        from revcol.integration import supported_ultralytics
+        from revcol.ultralytics.releases import supported_ultralytics
 
         supported = supported_ultralytics()
         if not check_version(ultralytics.__version__, supported):

@@ -23,7 +23,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from revcol.allow_list import SharedAllowList
+from revcol._allow_list import SharedAllowList
 
 __all__ = ["NumpyValue", "PatchedFile", "numpy_patches", "reading"]
 

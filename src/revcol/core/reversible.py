@@ -18,17 +18,15 @@ inside backward. The autograd graph therefore sees which parameters the forward 
 what ``DistributedDataParallel(find_unused_parameters=True)`` relies on.
 
 The recompute must be the forward again, exactly, or the gradients are silently wrong. So it reuses
-the drop-path draws the forward made (``_DrawTape``), not the random generator, which other threads
+the drop-path draws the forward made (``DrawTape``), not the random generator, which other threads
 share; it reads the parameter tensors the forward read, also when those were ``functional_call``'s
 stand-ins rather than the module's own; and backward refuses parameters changed since forward (their
 version counters, and ``_OptimizerSteps`` for fused optimizers, which leave the counters alone) and
-``create_graph=True``, whose second-order graph it cannot build.
-"""
+``create_graph=True``, whose second-order graph it cannot build."""
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import threading
 import weakref
@@ -37,78 +35,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
-from torch.overrides import TorchFunctionMode
+
+from revcol.core.blocks import NUM_LEVELS
+from revcol.core.drop_path import TAPE, DrawTape, changed_drop_path
 
 if TYPE_CHECKING:
-    from revcol.model import SubNet
+    from revcol.core.network import SubNet
 
-NUM_LEVELS = 4
 
 Named = list[tuple[str, torch.Tensor]]
-
-
-class _DrawTape(TorchFunctionMode):
-    """The ``bernoulli_`` draws of one level's drop-path modules: recorded in forward, fed back in the recompute.
-
-    Replaying the generator's state instead gave other masks whenever another thread drew from it in
-    between (it is global), and the draws are small: one (N, 1, 1, 1) mask per block. The recompute
-    runs the drop-path modules' own code; only their draws are the forward's.
-    """
-
-    def __init__(self, draws: list[torch.Tensor] | None = None) -> None:
-        """A recording tape, or with ``draws`` one that replays them in order."""
-        super().__init__()
-        self.replaying = draws is not None
-        self.draws: list[torch.Tensor] = [] if draws is None else draws
-        self.used = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not torch.Tensor.bernoulli_:
-            return func(*args, **kwargs)
-        if not self.replaying:
-            drawn = func(*args, **kwargs)
-            # timm scales the drawn tensor in place afterwards; the recompute repeats that scaling.
-            self.draws.append(drawn.clone())
-            return drawn
-        target = args[0]
-        if self.used == len(self.draws) or self.draws[self.used].shape != target.shape:
-            raise _changed_drop_path()
-        self.used += 1
-        return target.copy_(self.draws[self.used - 1])
-
-
-# The tape of the level being run by a reversible column in this thread (or task): None outside one.
-_TAPE: contextvars.ContextVar[_DrawTape | None] = contextvars.ContextVar("revcol_drop_path_tape", default=None)
-
-
-def apply_drop_path(module: torch.nn.Module, branch: torch.Tensor) -> torch.Tensor:
-    """``module(branch)`` for a block's drop-path module (timm's ``DropPath``, or ``nn.Identity`` at rate 0).
-
-    Inside a reversible column its random draws go through the level's ``_DrawTape``; elsewhere this is
-    the plain call, so its outputs and its use of the random generator are timm's.
-    """
-    if not module.training or not getattr(module, "drop_prob", 0.0):
-        return module(branch)  # before the ContextVar: torch 2.6's dynamo breaks the graph at ContextVar.get
-    tape = _TAPE.get()
-    if tape is None:
-        return module(branch)
-    drawn = len(tape.draws)
-    with tape:
-        out = module(branch)
-    if not tape.replaying and len(tape.draws) == drawn:
-        raise RuntimeError(
-            f"RevCol: the drop-path module {type(module).__name__} drew its mask without Tensor.bernoulli_, so the "
-            "reversible backward (save_memory=True) cannot reuse it; use timm's DropPath or save_memory=False."
-        )
-    return out
-
-
-def _changed_drop_path() -> RuntimeError:
-    return RuntimeError(
-        "RevCol: the drop-path modules of a column drew differently in the reversible backward's recompute than in "
-        "its forward (drop_prob or a module changed in between); call backward first, or build with save_memory=False."
-    )
 
 
 class _OptimizerSteps:
@@ -200,17 +135,17 @@ class ReverseFunction(torch.autograd.Function):
         first_column = previous[0] is None
         ctx.steps = _OPTIMIZER_STEPS.start()
 
-        tapes: list[_DrawTape] = []
+        tapes: list[DrawTape] = []
 
         def before_level(level: int) -> None:
-            tapes.append(_DrawTape())
-            _TAPE.set(tapes[-1])
+            tapes.append(DrawTape())
+            TAPE.set(tapes[-1])
 
-        token = _TAPE.set(None)
+        token = TAPE.set(None)
         try:
             outputs = subnet.forward_levels(x, None if first_column else list(previous), alphas, before_level)
         finally:
-            _TAPE.reset(token)
+            TAPE.reset(token)
 
         ctx.subnet, ctx.named, ctx.first_column = subnet, named, first_column
         ctx.trainable = [[t.requires_grad for _, t in level] for level in named]
@@ -298,15 +233,15 @@ def _recompute(
     ctx: Any, level: int, run: Callable[..., torch.Tensor], c_down: torch.Tensor, c_ups: list[torch.Tensor]
 ) -> torch.Tensor:
     """``L_level(c_down, *c_ups)`` again, with the forward's drop-path draws, autocast state and train mode."""
-    tape = _DrawTape(ctx.draws[level])
-    token = _TAPE.set(tape)
+    tape = DrawTape(ctx.draws[level])
+    token = TAPE.set(tape)
     try:
         with torch.enable_grad(), ctx.autocast.context(), _training_mode(ctx.subnet, ctx.training):
             f = run(c_down, *c_ups)
     finally:
-        _TAPE.reset(token)
+        TAPE.reset(token)
     if tape.used != len(tape.draws):
-        raise _changed_drop_path()
+        raise changed_drop_path()
     return f
 
 

@@ -1,8 +1,7 @@
 """The authors' published weights: the table, torch's hub cache, downloading, and what ``pretrained=`` means.
 
 Nothing here touches the network until ``download`` (or ``resolve``) is called for a file that is not cached.
-How downloads stay bounded and leave nothing behind: ``docs/reliability.md``.
-"""
+How downloads stay bounded and leave nothing behind: ``docs/reliability.md``."""
 
 from __future__ import annotations
 
@@ -20,166 +19,41 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import torch.hub
 
+from revcol.checkpoints.backbone import read_backbone
+from revcol.checkpoints.files import describe_kind
 from revcol.errors import CheckpointError
-from revcol.pretrained import describe_kind, read_backbone
+from revcol.weights.published import WEIGHTS, PublishedWeights
 
 try:
     import fcntl
 except ImportError:  # Windows: an open file cannot be deleted there, which is all the sweep needs
     fcntl = None
 
-PRIMARY_BASE = "https://github.com/megvii-research/RevCol/releases/download/checkpoint/"
-MIRROR_ROOT = "https://huggingface.co/LarryTsai/RevCol/resolve/main/revcol_models/"
-MIRROR_BASE = MIRROR_ROOT + "classification/"
+
 URL_ENV = "REVCOL_WEIGHTS_URL"  # replaces both bases: a local mirror (all files in one folder), or a test server
+
+
 TIMEOUT_S = 30.0  # per connection attempt and per read: a stalled server fails instead of hanging
+
+
 CHUNK_BYTES = 1 << 20
+
+
 # Each TIMEOUT_S window of a download must bring at least this much, so a server trickling a byte now and then
 # cannot hold a call for long by never letting one read time out.
 MIN_BYTES_PER_WINDOW = 64 << 10
+
+
 # A download (one URL) must finish within DEADLINE_BASE_S + size / MIN_RATE (size: Content-Length, else the bound).
 DEADLINE_BASE_S = 120.0
+
+
 MIN_RATE = 64 << 10  # bytes per second on average: a slower link is better served by a copy fetched by hand
-# float32, six times over: the model, an EMA copy, the two Adam moments of an optimizer state, and room to spare
-BYTES_PER_PARAMETER = 4 * 6
-SIZE_SLACK = 256 << 20
-MAX_DOWNLOAD_BYTES = 64 << 30  # the bound of a file whose parameter count is not published
-
-
-@dataclass(frozen=True)
-class PublishedWeights:
-    """One file of the authors' release: the variant it fits, its tag, and how it was trained and scored."""
-
-    variant: str
-    tag: str
-    filename: str
-    resolution: int  # input size of the training (ImageNet; ADE20K: crop; COCO: test scale's short side)
-    top1: float | None  # ImageNet-1k top-1 accuracy in %; None for the pretraining-only files (22k, MegData)
-    num_classes: int | None  # of the classification heads in the file (not loaded); None: not published / none
-    in_release: bool = True  # False: the file is only on the authors' Hugging Face repository
-    folder: str = "classification"  # its folder there (classification, detection, segmentation)
-    trained_for: str = "ImageNet classification"
-    scores: tuple[tuple[str, float], ...] = ()  # a downstream file's published results, e.g. (("box AP", 50.8),)
-    kernel_size: int = 3  # of the depthwise convolutions: the model that loads this file has to be built with it
-    params_m: float | None = None  # the authors' parameter count of the model in the file, in millions
-
-    @property
-    def url(self) -> str:
-        """Where the file is fetched first: the authors' GitHub release, or the mirror for a file not in it."""
-        return PRIMARY_BASE + self.filename if self.in_release else self.mirror_url
-
-    @property
-    def mirror_url(self) -> str:
-        """The same file in the authors' Hugging Face repository, under its folder."""
-        base = MIRROR_BASE if self.folder == "classification" else f"{MIRROR_ROOT}{self.folder}/"
-        return base + self.filename
-
-    @property
-    def max_bytes(self) -> int:
-        """The most a download of this file may bring: generous for its parameter count, else a fixed cap."""
-        if self.params_m is None:
-            return MAX_DOWNLOAD_BYTES
-        return int(self.params_m * 1e6) * BYTES_PER_PARAMETER + SIZE_SLACK
-
-    @property
-    def is_downstream(self) -> bool:
-        """A detector's or segmenter's file: only its backbone is loaded."""
-        return self.folder != "classification"
-
-
-_COCO = "COCO detection, Cascade Mask R-CNN 3x (mmdetection)"
-_ADE = "ADE20K segmentation, UperNet 160k (mmsegmentation)"
-
-
-def _coco(variant: str, tag: str, filename: str, box: float, mask: float, params_m: float) -> PublishedWeights:
-    scores = (("box AP", box), ("mask AP", mask))
-    return PublishedWeights(
-        variant, tag, filename, 800, None, None, False, "detection", _COCO, scores, params_m=params_m
-    )
-
-
-def _ade(variant: str, tag: str, filename: str, crop: int, miou: float, ms: float, params_m: float, kernel=3):
-    scores = (("mIoU", miou), ("mIoU ms+flip", ms))
-    return PublishedWeights(
-        variant, tag, filename, crop, None, None, False, "segmentation", _ADE, scores, kernel, params_m
-    )
-
-
-_PUBLISHED = (
-    PublishedWeights("revcol_tiny", "in1k", "revcol_tiny_1k.pth", 224, 82.2, 1000, params_m=30),
-    PublishedWeights("revcol_small", "in1k", "revcol_small_1k.pth", 224, 83.5, 1000, params_m=60),
-    PublishedWeights("revcol_base", "in1k", "revcol_base_1k.pth", 224, 84.1, 1000, params_m=138),
-    PublishedWeights("revcol_base", "in22k", "revcol_base_22k.pth", 224, None, 21841, params_m=138),
-    PublishedWeights("revcol_base", "in22k_ft_in1k", "revcol_base_22k_1kft_224.pth", 224, 85.6, 1000, params_m=138),
-    PublishedWeights("revcol_base", "in22k_ft_in1k_384", "revcol_base_22k_1kft_384.pth", 384, 86.7, 1000, params_m=138),
-    PublishedWeights("revcol_large", "in22k", "revcol_large_22k.pth", 224, None, 21841, params_m=273),
-    PublishedWeights("revcol_large", "in22k_ft_in1k", "revcol_large_22k_1kft_224.pth", 224, 86.6, 1000, params_m=273),
-    PublishedWeights(
-        "revcol_large", "in22k_ft_in1k_384", "revcol_large_22k_1kft_384.pth", 384, 87.6, 1000, params_m=273
-    ),
-    # RevCol-H: pretrained on the authors' MegData-168M (number of classes not published), fine-tuned at 640 px.
-    PublishedWeights(
-        "revcol_huge", "megdata", "revcol_huge_megdata.pth", 224, None, None, in_release=False, params_m=2100
-    ),
-    PublishedWeights(
-        "revcol_huge", "megdata_ft_in1k", "revcol_huge_megdata_in1k.pth", 640, 90.0, 1000, False, params_m=2100
-    ),
-    # Downstream: the authors' Detection/README.md and Segmentation/README.md (parameters of the whole detector
-    # or segmenter, as published: UperNet-B's 122 M is below its backbone's 138 M). Their backbones are ImageNet
-    # (or MegData) initialised, then trained with the task.
-    _coco("revcol_tiny", "in1k_ft_coco", "cmr_tiny_3x_in1k_AP508.pth", 50.8, 44.0, 88),
-    _coco("revcol_small", "in1k_ft_coco", "cmr_revcol_small_3x_in1k.pth", 52.6, 45.5, 118),
-    _coco("revcol_base", "in1k_ft_coco", "cmr_base_3x_in1k.pth", 53.0, 45.9, 196),
-    _coco("revcol_base", "in22k_ft_coco", "cmr_base_3x_in22k_AP55.pth", 55.0, 47.5, 196),
-    _coco("revcol_large", "in22k_ft_coco", "cmr_large_3x_in22k_AP559.pth", 55.9, 48.4, 330),
-    _ade("revcol_tiny", "in1k_ft_ade20k", "upernet_revcol_tiny_fp16_512x512_160k_ade20k.pth", 512, 47.4, 47.6, 60),
-    _ade("revcol_small", "in1k_ft_ade20k", "upernet_revcol_small_fp16_512x512_160k_ade20k.pth", 512, 47.9, 49.0, 90),
-    _ade("revcol_base", "in1k_ft_ade20k", "upernet_revcol_base_512x512_160k_ade20k.pth", 512, 49.0, 50.1, 122),
-    _ade("revcol_base", "in22k_ft_ade20k", "upernet_revcol_base_640x640_160k_ade20k.pth", 640, 52.7, 53.3, 122),
-    _ade("revcol_large", "in22k_ft_ade20k", "upernet_revcol_large_fp16_640x640_160k_ade20k.pth", 640, 53.4, 53.7, 306),
-    _ade(
-        "revcol_huge", "megdata_ft_ade20k", "upernet_revcol_huge_fp16_640x640_160k_ade20k.pth", 640, 57.8, 58.0, 2421, 7
-    ),
-    # The initialisation of that UperNet: the MegData backbone with its depthwise kernels padded to 7x7.
-    PublishedWeights(
-        "revcol_huge",
-        "megdata_k7",
-        "revcol_huge_k7padded.pth",
-        224,
-        None,
-        None,
-        False,
-        "segmentation",
-        "MegData-168M pretraining, depthwise kernels padded to 7x7 afterwards",
-        kernel_size=7,
-        params_m=2160,  # not published: RevCol-H's 2155 M with 7x7 instead of 3x3 kernels
-    ),
-)
-
-
-def _by_variant(entries: tuple[PublishedWeights, ...]) -> dict[str, dict[str, PublishedWeights]]:
-    table: dict[str, dict[str, PublishedWeights]] = {}
-    for entry in entries:
-        table.setdefault(entry.variant, {})[entry.tag] = entry
-    return table
-
-
-# variant -> tag -> file. revcol_xlarge has no published file, so no entry.
-WEIGHTS: dict[str, dict[str, PublishedWeights]] = _by_variant(_PUBLISHED)
-# What pretrained=True loads: the best 224-px ImageNet-1k classifier of each variant (RevCol-H has only a 640-px one).
-DEFAULT_TAGS: dict[str, str] = {
-    "revcol_tiny": "in1k",
-    "revcol_small": "in1k",
-    "revcol_base": "in22k_ft_in1k",
-    "revcol_large": "in22k_ft_in1k",
-    "revcol_huge": "megdata_ft_in1k",
-}
 
 
 class _FetchFailed(Exception):
@@ -527,62 +401,3 @@ def _check_checkpoint(path: Path, filename: str) -> None:
     except CheckpointError as error:
         # report it under the file's own name: the temporary file is gone by the time anyone reads this
         raise _FetchFailed(str(error).replace(str(path), filename)) from None
-
-
-def resolve(variant: str | None, pretrained: bool | str | os.PathLike) -> Path:
-    """The checkpoint file that ``pretrained`` names for ``variant`` (``None``: a custom configuration).
-
-    ``True``: the variant's default published weights (``DEFAULT_TAGS``); one of its tags (``WEIGHTS``):
-    that file. Both are downloaded once into torch's hub cache. Anything else is a local path (``~``
-    expanded); whether it exists is checked when it is read. A tag takes precedence over a file of the
-    same name in the working directory (write ``./in1k`` for the file). ``False`` and ``None`` mean "load
-    nothing" and are the caller's to skip.
-    """
-    entry = named_entry(variant, pretrained)
-    return download(entry) if entry is not None else Path(pretrained).expanduser()
-
-
-def named_entry(variant: str | None, pretrained: bool | str | os.PathLike) -> PublishedWeights | None:
-    """The published file that ``pretrained`` names for ``variant`` (as ``resolve``), ``None`` for a path.
-
-    Decided from the table alone, without the network, so a model is never built for weights that do not
-    exist: ``CheckpointError`` for a variant without published files, an unknown tag or a bad value.
-    """
-    if pretrained is True:
-        return _published(variant)[DEFAULT_TAGS[variant]]
-    if isinstance(pretrained, bool) or not isinstance(pretrained, (str, os.PathLike)):
-        raise CheckpointError(f"pretrained must be True, a published tag or a checkpoint path, got {pretrained!r}")
-    if isinstance(pretrained, str):  # only a string can be a tag: a Path object always means a file
-        tags = WEIGHTS.get(variant or "", {})
-        if pretrained in tags:
-            return tags[pretrained]
-        if _looks_like_tag(pretrained):
-            tags = _published(variant, asked=pretrained)  # raises if the variant has no published file at all
-            downstream = [tag for tag, entry in tags.items() if entry.is_downstream]
-            also = f"; the backbones of its COCO and ADE20K models: {', '.join(downstream)}" if downstream else ""
-            raise CheckpointError(
-                f"{variant} has no published weights tagged {pretrained!r} and there is no such file; "
-                f"its tags: {', '.join(t for t in tags if t not in downstream)} (or give a checkpoint path){also}"
-            )
-    return None
-
-
-def _published(variant: str | None, asked: str | None = None) -> dict[str, PublishedWeights]:
-    """The published files of ``variant``; ``CheckpointError`` when it has none (a custom configuration, RevCol-XL)."""
-    which = "" if asked is None else f" (asked for {asked!r}, and there is no such file)"
-    if variant is None:
-        raise CheckpointError(
-            f"no published weights exist for a custom RevCol configuration{which}; give a checkpoint path"
-        )
-    if variant not in WEIGHTS:
-        raise CheckpointError(
-            f"no published weights exist for {variant}{which}; variants with published weights: "
-            f"{', '.join(WEIGHTS)}; give a checkpoint path"
-        )
-    return WEIGHTS[variant]
-
-
-def _looks_like_tag(text: str) -> bool:
-    """A bare word that is no existing file: no folder, no suffix, no ``~`` (a tag never has these)."""
-    path_marks = {os.sep, os.altsep or os.sep, ".", "~"}
-    return not text or (not any(mark in text for mark in path_marks) and not Path(text).exists())

@@ -18,10 +18,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from revcol.core.variants import VARIANTS, get_variant
 from revcol.errors import ConfigError
-from revcol.variants import VARIANTS, get_variant
 
-CONFIG_DIR = Path(__file__).parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 CUSTOM_NAME = "revcol"
 BACKBONE_NAMES = frozenset({CUSTOM_NAME, *VARIANTS})
 LAYER_NAME = "RevColBackbone"  # the Ultralytics layer the row becomes (revcol.integration.RevColBackbone)
