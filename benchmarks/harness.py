@@ -1,29 +1,24 @@
-"""What every benchmark section shares: configuration, model building, timing, saved-tensor accounting,
-gradients, the summary row type, and the report's machine line and plot.
-
-Imported by ``run.py`` (which puts ``benchmarks/`` on ``sys.path``) and by the modules of ``sections/``.
-"""
+"""What every benchmark section shares: the configuration, model building, timing, training steps and the bytes
+they save for backward, and gradients."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import gc
-import os
-import platform
 import statistics
 import time
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from baseline import BaselineFullNet
 from torch.utils.checkpoint import checkpoint
 
 import revcol
-from revcol import FullNet
+from benchmarks.baseline import BaselineFullNet
+from revcol import FullNet, VariantSpec, diagnostics
+from revcol.diagnostics import relative_error
 
 MB = 1e6
 
@@ -32,15 +27,40 @@ MB = 1e6
 # configuration
 
 
+@dataclass(frozen=True)
+class Shape:
+    """The network a run measures: channels, depths, columns and drop-path of ``spec``, called ``name``."""
+
+    name: str
+    spec: VariantSpec
+
+
+def variant_shape(variant: str) -> Shape:
+    """The shape of a published variant, as ``revcol.VARIANTS`` declares it."""
+    return Shape(f"{variant} shape", revcol.VARIANTS[variant])
+
+
+# The no-regression bounds (acceptance criteria). Saved memory has no number here: ours is held to the
+# baseline's bytes, measured side by side.
+GOALS = {
+    "exact": 5e-6,  # fp32 gradient rel. error, reversible vs plain
+    "exact64": 1e-9,  # the same in float64
+    "train_vs_baseline": 1.0,  # baseline rev step time / ours rev step time
+    "eval_vs_baseline": 1.0,  # baseline eval forward time / ours
+    "eval_match": 1e-5,  # max rel. difference of the eval outputs, ours vs baseline
+    "construct_vs_baseline": 1.0,  # baseline build time / ours (no forward, same configuration)
+}
+
+
 @dataclass
 class Config:
-    channels: tuple[int, ...] = (64, 128, 256, 512)
-    layers: tuple[int, ...] = (2, 2, 4, 2)
-    columns: int = 8
-    drop_path: float = 0.3
+    """Input sizes, batches and repeats of each section, for a network of ``shape``."""
+
+    shape: Shape = field(default_factory=lambda: variant_shape("revcol_small"))
     size: int = 224
     batch: int = 2
     repeats: int = 21
+    warmup: int = 1  # untimed rounds before the timed ones (a smoke run's numbers mean nothing: it skips them)
     exact_columns: tuple[int, ...] = (4, 8, 16)
     exact_size: int = 224
     memory_columns: tuple[int, ...] = (2, 4, 8)
@@ -57,31 +77,36 @@ class Config:
     detect_size: int = 640  # RT-DETR training steps of section footprint
     detect_batch: int = 1
     detect_repeats: int = 3
-    name: str = "revcol_small shape"
     compile_eval: bool = True  # also time torch.compile of our eval model (needs a C++ compiler; ~1 min per size)
     smoke: bool = False  # goals are for the full configuration; a smoke run reports them as not applicable
-    # The no-regression bounds (acceptance criteria). Saved memory has no number here: ours is held to
-    # the baseline's bytes, measured side by side.
-    goals: dict = field(
-        default_factory=lambda: {
-            "exact": 5e-6,  # fp32 gradient rel. error, reversible vs plain
-            "exact64": 1e-9,  # the same in float64
-            "train_vs_baseline": 1.0,  # baseline rev step time / ours rev step time
-            "eval_vs_baseline": 1.0,  # baseline eval forward time / ours
-            "eval_match": 1e-5,  # max rel. difference of the eval outputs, ours vs baseline
-            "construct_vs_baseline": 1.0,  # baseline build time / ours (no forward, same configuration)
-        }
-    )
+
+    @property
+    def name(self) -> str:
+        return self.shape.name
+
+    @property
+    def channels(self) -> tuple[int, ...]:
+        return self.shape.spec.channels
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return self.shape.spec.layers
+
+    @property
+    def columns(self) -> int:
+        return self.shape.spec.num_subnet
+
+    @property
+    def drop_path(self) -> float:
+        return self.shape.spec.drop_path
 
 
 QUICK = Config(
-    channels=(8, 16, 24, 32),
-    layers=(1, 1, 1, 1),
-    columns=2,
-    drop_path=0.2,
+    shape=Shape("tiny (smoke)", VariantSpec((8, 16, 24, 32), (1, 1, 1, 1), 2, 0.2)),
     size=64,
     batch=2,
     repeats=3,
+    warmup=0,
     exact_columns=(2, 3),
     exact_size=64,
     memory_columns=(2, 3),
@@ -98,7 +123,6 @@ QUICK = Config(
     detect_size=160,  # RT-DETR's 300 queries need at least 300 anchors: 20*20 + 10*10 + 5*5 at 160 px
     detect_batch=1,
     detect_repeats=1,
-    name="tiny (smoke)",
     compile_eval=False,
     smoke=True,
 )
@@ -164,42 +188,22 @@ def interleaved(
 # training steps and what they save
 
 
-class SavedTensors:
-    """Counts the bytes of tensors saved for backward, deduplicated by storage (parameters listed apart)."""
+class StepRecorder(diagnostics.SavedTensors):
+    """``revcol.diagnostics.SavedTensors`` with ``model``'s parameters counted apart, which also tells what of the
+    recorded tensors is still alive after the step (``alive_bytes``: a leak)."""
 
     def __init__(self, model: torch.nn.Module | None = None, keep: torch.Tensor | None = None) -> None:
-        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()} if model is not None else set()
-        # ``keep``: a tensor the caller holds anyway (the input batch); counted, but not as a leak
-        self.kept = {keep.untyped_storage().data_ptr()} if keep is not None else set()
-        self.storages: dict[int, int] = {}
-        self.param_storages: dict[int, int] = {}
+        """``keep``: a tensor the caller holds anyway (the input batch); counted, but not as a leak."""
+        params = list(model.parameters()) if model is not None else []
+        super().__init__(params)
+        self._untracked = {t.untyped_storage().data_ptr() for t in [*params, *([keep] if keep is not None else [])]}
         self.refs: list[weakref.ref] = []
 
-    def add(self, tensor: torch.Tensor) -> None:
-        if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
-            return
-        storage = tensor.untyped_storage()
-        key = storage.data_ptr()
-        (self.param_storages if key in self.params else self.storages)[key] = storage.nbytes()
-        if key not in self.params and key not in self.kept:
+    def add(self, tensor: object) -> None:
+        super().add(tensor)
+        tracked = isinstance(tensor, torch.Tensor) and tensor.device.type != "meta"
+        if tracked and tensor.untyped_storage().data_ptr() not in self._untracked:
             self.refs.append(weakref.ref(tensor))
-
-    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        self.add(tensor)
-        return tensor
-
-    @contextlib.contextmanager
-    def recording(self) -> Iterator[SavedTensors]:
-        with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
-            yield self
-
-    @property
-    def activation_bytes(self) -> int:
-        return sum(self.storages.values())
-
-    @property
-    def total_bytes(self) -> int:
-        return self.activation_bytes + sum(self.param_storages.values())
 
     def alive_bytes(self) -> int:
         """Bytes of the recorded (non-parameter) storages still referenced now."""
@@ -212,7 +216,7 @@ class SavedTensors:
 
 
 @contextlib.contextmanager
-def column_checkpointing(model: FullNet, recorder: SavedTensors | None = None) -> Iterator[None]:
+def column_checkpointing(model: FullNet, recorder: StepRecorder | None = None) -> Iterator[None]:
     """Run every column of ``model`` (plain path) under non-reentrant ``torch.utils.checkpoint``.
 
     The checkpoint keeps its inputs alive by reference rather than saving them for backward, so when
@@ -250,7 +254,7 @@ def train_step(
     model: torch.nn.Module,
     x: torch.Tensor,
     mode: str,
-    recorder: SavedTensors | None = None,
+    recorder: StepRecorder | None = None,
     split: list[tuple[float, float]] | None = None,
 ) -> None:
     """zero_grad + forward + backward; ``mode`` is ``plain``, ``rev`` or ``ckpt`` (``ckpt``: ours only).
@@ -275,7 +279,7 @@ def train_step(
 
 def saved_mb(model: torch.nn.Module, x: torch.Tensor, mode: str) -> tuple[float, float]:
     """(activation MB, activation + parameter MB) saved for backward by one training step."""
-    recorder = SavedTensors(model)
+    recorder = StepRecorder(model)
     train_step(model, x, mode, recorder)
     return recorder.activation_bytes / MB, recorder.total_bytes / MB
 
@@ -290,109 +294,12 @@ def no_grad_forward(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tenso
 
 
 def gradients(model: torch.nn.Module, x: torch.Tensor, mode: str, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Parameter and input gradients of one training step; the seed fixes the drop-path draws."""
-    torch.manual_seed(seed)
-    x = x.clone().requires_grad_()
-    train_step(model, x, mode)
-    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-    grads["input"] = x.grad.clone()
-    return grads
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """``|a - b| / |b|`` (Frobenius norms, float64); the plain ``|a - b|`` when ``b`` is zero."""
-    a, b = a.double(), b.double()
-    denom = b.norm().item()
-    diff = (a - b).norm().item()
-    return diff / denom if denom > 0 else diff
+    """Parameter and input gradients of one training step in ``mode`` (``revcol.diagnostics.gradients``, whose
+    seed fixes the drop-path draws); ``ckpt`` runs the plain path with every column checkpointed."""
+    with column_checkpointing(model) if mode == "ckpt" else contextlib.nullcontext():
+        return diagnostics.gradients(model, x, save_memory=mode == "rev", seed=seed)[1]
 
 
 def max_rel_err(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
-    """Largest ``rel_err`` over matching feature maps."""
-    return max(rel_err(a, b) for a, b in zip(actual, expected, strict=True))
-
-
-# ----------------------------------------------------------------------------------------------
-# reporting
-
-
-@dataclass
-class Summary:
-    """One row of the report's summary table; ``met`` is None for information rows."""
-
-    metric: str
-    goal: str
-    measured: str
-    met: bool | None
-
-
-def fmt_ratio(value: float) -> str:
-    return f"{value:.2f}x"
-
-
-def summary_table(rows: list[Summary]) -> list[str]:
-    lines = ["| metric | goal | measured | met |", "|---|---|---|---|"]
-    for row in rows:
-        met = "-" if row.met is None else ("yes" if row.met else "**no**")
-        lines.append(f"| {row.metric} | {row.goal} | {row.measured} | {met} |")
-    return lines
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return (
-        f"{cpu}, {torch.get_num_threads()} torch threads ({cores} CPU cores visible), {gpu}; "
-        f"Python {platform.python_version()}, torch {torch.__version__}, revcol {revcol.__version__}"
-    )
-
-
-def scaling_title(cfg: Config) -> str:
-    return (
-        f"RevCol training step, {cfg.name} ({cfg.columns} columns unless varied, {cfg.size}px unless varied), "
-        f"batch {cfg.scale_batch}, {torch.get_num_threads()} CPU threads"
-    )
-
-
-def plot(scaling: dict, path: Path, title: str) -> None:
-    """PNG of the scaling section: step time and saved memory vs input size and vs columns."""
-    import matplotlib  # only the plot needs it
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, NullFormatter
-
-    fig, axes = plt.subplots(2, 2, figsize=(9, 5), dpi=100)
-    styles = {"plain": ("plain autograd", "o-"), "ckpt": ("checkpoint per column", "s--"), "rev": ("reversible", "^-")}
-    panels = [
-        (axes[0, 0], "size", "time", "step time vs input size", "s / step"),
-        (axes[1, 0], "size", "mem", "saved memory vs input size", "MB saved (log)"),
-        (axes[0, 1], "columns", "time", "step time vs columns", "s / step"),
-        (axes[1, 1], "columns", "mem", "saved memory vs columns", "MB saved (log)"),
-    ]
-    for ax, axis, what, panel_title, ylabel in panels:
-        keys = sorted(scaling[axis])
-        for mode, (label, style) in styles.items():
-            ax.plot(keys, [scaling[axis][k][what][mode] for k in keys], style, label=label, markersize=4)
-        ax.set_title(panel_title, fontsize=9)
-        ax.set_ylabel(ylabel, fontsize=8)
-        ax.set_xticks(keys)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-        if what == "mem":
-            ax.set_yscale("log")
-            ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-            ax.yaxis.set_minor_formatter(NullFormatter())
-            ax.set_xlabel("input side (px)" if axis == "size" else "columns", fontsize=8)
-    axes[0, 0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    """Largest ``relative_error`` over matching feature maps."""
+    return max(relative_error(a, b) for a, b in zip(actual, expected, strict=True))

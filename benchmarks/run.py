@@ -1,7 +1,9 @@
 """RevCol benchmark suite: exactness, saved memory, training / inference speed, construction, scaling.
 
-    python benchmarks/run.py            # full run (revcol_small shape; ~15 min on 2 CPU cores)
-    python benchmarks/run.py --quick    # smoke run on a tiny configuration (seconds)
+    python -m benchmarks.run            # full run (revcol_small shape; ~15 min on 2 CPU cores)
+    python -m benchmarks.run --quick    # smoke run on a tiny configuration (seconds)
+
+(from the repository root: ``benchmarks`` is a package beside ``src``.)
 
 Every timing compares implementations side by side in one process: the candidates run in turn,
 round after round (order rotated), and the median of each is reported, so that load from other
@@ -15,7 +17,8 @@ Implementations compared:
   authors' style, the reference the no-regression goals are measured against.
 
 Files: this one is the command line and the report; ``harness.py`` holds the configuration, timing,
-saved-tensor accounting and plot; ``sections/`` holds the sections, one module per group.
+training steps and saved-tensor accounting, ``report.py`` the result types, summary table and plot;
+``sections/`` holds the sections, one module per group.
 
 Writes a Markdown report (``--results``) and a plot (``--plot``) unless ``--no-write``.
 """
@@ -24,26 +27,29 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # for the sibling modules, also when this file is loaded by path (the tests)
+from benchmarks.harness import QUICK, Config
+from benchmarks.report import ScalingResult, SectionResult, Summary, machine, plot, scaling_title, summary_table
+from benchmarks.sections.cuda import section_cuda
+from benchmarks.sections.exactness import section_exactness
+from benchmarks.sections.footprint import section_footprint
+from benchmarks.sections.memory import section_memory
+from benchmarks.sections.scaling import section_scaling
+from benchmarks.sections.speed import section_construction, section_eval, section_train
+from benchmarks.sections.torch_tools import section_compile, section_profile
 
-from harness import QUICK, Config, Summary, machine, plot, scaling_title, summary_table  # noqa: E402
-from sections.cuda import section_cuda  # noqa: E402
-from sections.exactness import section_exactness  # noqa: E402
-from sections.footprint import section_footprint  # noqa: E402
-from sections.memory import section_memory  # noqa: E402
-from sections.scaling import section_scaling  # noqa: E402
-from sections.speed import section_construction, section_eval, section_train  # noqa: E402
-from sections.torch_tools import section_compile, section_profile  # noqa: E402
+HERE = Path(__file__).resolve().parent
+COMMAND = "python -m benchmarks.run"
 
 # in the order they run and appear in the report
-SECTIONS = {
+SECTIONS: dict[str, Callable[[Config], SectionResult]] = {
     "construction": section_construction,
     "exactness": section_exactness,
     "memory": section_memory,
@@ -70,7 +76,8 @@ NOTES = [
 ]
 
 
-def main(argv: list[str] | None = None) -> str:
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Config, list[str]]:
+    """The options, the configuration they select, and the sections to run (exits on an unknown section)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny configuration, few repeats (smoke test)")
     parser.add_argument(
@@ -83,9 +90,6 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--no-write", action="store_true", help="print only; write neither report nor plot")
     parser.add_argument("--no-compile", action="store_true", help="skip timing torch.compile in the eval section")
     args = parser.parse_args(argv)
-
-    # Tiny tensors on a busy 2-core machine spend most of their time in thread-pool synchronisation.
-    torch.set_num_threads(args.threads or (1 if args.quick else 2))
     cfg = dataclasses.replace(QUICK) if args.quick else Config()
     if args.repeats is not None:
         cfg.repeats = args.repeats
@@ -95,26 +99,45 @@ def main(argv: list[str] | None = None) -> str:
     unknown = sorted(set(wanted) - set(SECTIONS))
     if unknown:
         parser.error(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
-    results = args.results or (None if args.quick else HERE / "results.md")
-    plot_path = args.plot or (None if args.quick else HERE.parent / "docs" / "benchmark.png")
+    return args, cfg, wanted
 
+
+def run_sections(cfg: Config, names: list[str]) -> tuple[list[Summary], list[str], ScalingResult | None]:
+    """Run the sections in turn: the summary rows, the detailed Markdown, and the scaling data if it ran."""
     summaries: list[Summary] = []
     details: list[str] = []
-    extra: dict[str, dict] = {}
-    started = time.perf_counter()
-    for name in wanted:
-        t0 = time.perf_counter()
-        out = SECTIONS[name](cfg)
-        lines, rows = out[0], out[1]
-        if len(out) > 2:
-            extra[name] = out[2]
+    scaling = None
+    for name in names:
+        start = time.perf_counter()
+        result = SECTIONS[name](cfg)
+        rows = result.summaries
         if cfg.smoke:
             rows = [Summary(r.metric, r.goal + " (full run)", r.measured, None) for r in rows]
         summaries += rows
-        details += [f"### {name}", "", *lines, ""]
-        print(f"[{name}: {time.perf_counter() - t0:.0f} s]", file=sys.stderr, flush=True)
+        details += [f"### {name}", "", *result.lines, ""]
+        if isinstance(result, ScalingResult):
+            scaling = result
+        print(f"[{name}: {time.perf_counter() - start:.0f} s]", file=sys.stderr, flush=True)
+    return summaries, details, scaling
 
-    command = "python benchmarks/run.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+
+def main(argv: list[str] | None = None) -> str:
+    """Run the benchmarks that ``argv`` selects; print, write and return the Markdown report."""
+    args, cfg, wanted = parse_args(argv)
+    # Tiny tensors on a busy 2-core machine spend most of their time in thread-pool synchronisation.
+    torch.set_num_threads(args.threads or (1 if args.quick else 2))
+    results = args.results or (None if args.quick else HERE / "results.md")
+    plot_path = args.plot or (None if args.quick else HERE.parent / "docs" / "benchmark.png")
+
+    started = time.perf_counter()
+    # The timings collect garbage before every timed call; with the objects of the imports (torch, Ultralytics)
+    # moved out of the collector's sight, each collection takes milliseconds instead of a tenth of a second.
+    gc.freeze()
+    try:
+        summaries, details, scaling = run_sections(cfg, wanted)
+    finally:
+        gc.unfreeze()
+    command = COMMAND + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     report = [
         f"# RevCol benchmarks ({cfg.name})",
         "",
@@ -133,8 +156,8 @@ def main(argv: list[str] | None = None) -> str:
         if results is not None:
             results.parent.mkdir(parents=True, exist_ok=True)
             results.write_text(text)
-        if plot_path is not None and "scaling" in extra:
-            plot(extra["scaling"], plot_path, scaling_title(cfg))
+        if plot_path is not None and scaling is not None:
+            plot(scaling, plot_path, scaling_title(cfg))
     return text
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 import revcol
+from revcol.diagnostics import SavedTensors
 
 
 def build(args: argparse.Namespace) -> revcol.FullNet:
@@ -33,18 +34,10 @@ def build(args: argparse.Namespace) -> revcol.FullNet:
 
 def saved_bytes(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, list[torch.Tensor]]:
     """Run a training forward and return the bytes autograd keeps for backward (parameters excluded)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:  # views of one buffer are counted once
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    saved = SavedTensors(exclude=model.parameters())  # views of one buffer are counted once
+    with saved.recording():
         outputs = model(x)
-    return sum(storages.values()), outputs
+    return saved.activation_bytes, outputs
 
 
 def train_step(model: revcol.FullNet, x: torch.Tensor, save_memory: bool) -> None:

@@ -4,6 +4,8 @@ With ``save_memory=True`` a RevCol backbone keeps no level activations in the fo
 them in backward. This script runs the same train-mode forward and backward both ways on one model
 and compares every parameter's gradient and the input's (relative error in Frobenius norm). It exits
 with status 1 if the worst error exceeds ``--tol``, so it can run in CI after you change the model.
+The check itself is ``revcol.diagnostics``' (``randomize_``, ``gradients``, ``compare_gradients``), which your
+own tests can call as well.
 
 Run:
     python examples/check_gradients.py                          # small custom config, float64, 64x64
@@ -15,12 +17,12 @@ Run:
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
 import torch
 
 import revcol
+from revcol.diagnostics import compare_gradients, gradients, randomize_
 
 TOLERANCE = {"float64": 1e-9, "float32": 1e-5}
 
@@ -32,56 +34,6 @@ def build_model(variant: str | None, quick: bool, drop_path: float) -> revcol.Fu
     if quick:
         return revcol.FullNet(channels=[8, 16, 24, 32], layers=[1, 1, 1, 1], num_subnet=2, drop_path=drop_path)
     return revcol.FullNet(channels=[16, 32, 48, 64], layers=[1, 1, 2, 1], num_subnet=4, drop_path=drop_path)
-
-
-@torch.no_grad()
-def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
-    """Give every parameter a non-trivial value, so a wrong gradient anywhere shows up.
-
-    The paper's init sets the layer-scale gammas to 1e-6: the blocks then barely contribute and an error
-    in their backward would be invisible. Alphas get both signs and magnitudes 0.5-1.5: with the init's
-    uniform 0.5 a sign or scaling slip in the alpha terms of the backward could go unnoticed.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        noise = torch.randn(p.shape, generator=generator, dtype=torch.float64).to(p.dtype)
-        if name.rsplit(".", 1)[-1].startswith("alpha"):
-            magnitude = 0.5 + torch.rand(p.shape, generator=generator, dtype=torch.float64).to(p.dtype)
-            p.copy_(torch.where(noise < 0, -magnitude, magnitude))
-        elif name.endswith("gamma"):
-            p.copy_(0.5 + 0.1 * noise)
-        else:
-            p.add_(0.1 * noise)
-
-
-def gradients(model: revcol.FullNet, x: torch.Tensor, save_memory: bool, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Gradients of a fixed random linear functional of the four outputs, keyed by parameter name and "input"."""
-    model.save_memory = save_memory
-    model.train()  # the reversible path is only taken in training mode
-    model.zero_grad(set_to_none=True)
-    x = x.detach().clone().requires_grad_()
-    torch.manual_seed(seed)  # same drop-path masks in both runs
-    outputs = model(x)
-    generator = torch.Generator().manual_seed(seed + 1)
-    # Random weights per output element, rather than .sum(), so every output position matters differently.
-    loss = sum((o * torch.randn(o.shape, generator=generator, dtype=o.dtype)).sum() for o in outputs)
-    loss.backward()
-    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
-    grads["input"] = x.grad.detach().clone()
-    return grads
-
-
-def compare_gradients(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Relative error ``|a - e| / |e|`` per tensor (absolute if ``e`` is zero); missing or non-finite ones are inf."""
-    errors = {}
-    for name in sorted(set(actual) | set(expected)):
-        a, e = actual.get(name), expected.get(name)
-        if a is None or e is None or a.shape != e.shape or not (torch.isfinite(a).all() and torch.isfinite(e).all()):
-            errors[name] = math.inf
-            continue
-        diff, scale = (a.double() - e.double()).norm().item(), e.double().norm().item()
-        errors[name] = diff / scale if scale > 0 else diff
-    return errors
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -104,8 +56,9 @@ def main(argv: list[str] | None = None) -> None:
     randomize_(model, args.seed)
     x = torch.randn(args.batch, 3, imgsz, imgsz, generator=torch.Generator().manual_seed(args.seed), dtype=dtype)
 
-    plain = gradients(model, x, save_memory=False, seed=args.seed)
-    reversible = gradients(model, x, save_memory=True, seed=args.seed)
+    # The same train-mode forward and backward both ways, with the same drop-path draws (seeded alike).
+    _, plain = gradients(model, x, save_memory=False, seed=args.seed)
+    _, reversible = gradients(model, x, save_memory=True, seed=args.seed)
     errors = compare_gradients(reversible, plain)
 
     worst = max(errors, key=errors.get)

@@ -1,13 +1,83 @@
-"""Shared fixtures for the test suite."""
+"""Shared fixtures for the test suite, and how its tests share the processes of ``pytest -n`` (pytest-xdist)."""
 
 from __future__ import annotations
 
+import collections
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
 from revcol_helpers import WeightsServer, make_net
+
+# Each xdist worker (and a plain run) computes with one intra-op thread: the tests' tensors are tiny, and on a
+# 2-core machine two workers with a thread pool each would fight over the cores, their pools spending more time
+# synchronising than computing. A test that wants more threads sets them itself.
+torch.set_num_threads(1)
+
+# The modules whose tests use the tiny models that the session-scoped ``trained`` fixture trains.
+TRAINED_MODULES = {"test_e2e.py", "test_tasks.py", "test_export.py"}
+TRAINED = "trained models"
+# Seconds the slowest scopes take on a 2-core machine (subprocesses, torchrun, training). They are handed out first,
+# so that no worker is left alone with one of them at the end; any other module counts 0.3 s a test. A stale name
+# only costs some balance.
+SLOW_SCOPES = {
+    TRAINED: 80,
+    "test_docs.py": 80,
+    "test_cli.py": 55,
+    "test_examples.py": 50,
+    "test_fsdp.py": 35,
+    "test_weights_cache.py": 30,
+    "test_checkpoints_save.py": 30,
+    "test_ultralytics_trainers_saves.py": 30,
+    "test_benchmarks.py": 20,
+    "test_distributed_checkpoints.py": 20,
+    "test_ultralytics_trainers.py": 11,
+    "test_timm_models.py": 10,
+    "test_hooks.py": 9,
+    "test_demo.py": 9,
+    "test_ultralytics_yaml_rows.py": 8,
+    "test_packaging.py": 8,
+    "test_distributed.py": 6,
+    "test_checkpoints_numpy_meta.py": 6,
+}
+
+
+def _scope(nodeid: str) -> str:
+    """The scope a test runs in: its module, or TRAINED for the TRAINED_MODULES."""
+    module = nodeid.split("::", 1)[0]
+    return TRAINED if module.rsplit("/", 1)[-1] in TRAINED_MODULES else module
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own reordering inside each module, which this keeps
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The scopes (``_scope``) in order of their expected seconds, slowest first: xdist hands them out in this order
+    (``--no-loadscope-reorder``, pyproject.toml)."""
+    counts = collections.Counter(_scope(item.nodeid) for item in items)
+
+    def seconds(scope: str) -> float:
+        return SLOW_SCOPES.get(scope.rsplit("/", 1)[-1], 0.3 * counts[scope])
+
+    items.sort(key=lambda item: -seconds(_scope(item.nodeid)))  # stable: each module keeps its order
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: unknown without the plugin
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """Under ``--dist loadscope`` (pyproject.toml) each worker runs whole modules, so a module-scoped fixture is
+    built once; here also the TRAINED_MODULES together, so each of ``trained``'s models trains once.
+
+    (Grouping by marks, ``--dist loadgroup``, does not work with pytest 9.2: xdist 3.8 renames items through an
+    attribute pytest no longer reads.)
+    """
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _scope(nodeid)
+
+    return ModuleScheduling(config, log)
 
 
 @pytest.fixture
@@ -46,3 +116,18 @@ def source():
 def target():
     """A model of the same configuration as ``source``, with other (freshly initialised) weights."""
     return make_net(num_subnet=2, dtype=torch.float32, seed=12, randomize=False)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], object]:
+    """``trained(name)``: the ``tiny_models.Run`` of ``tiny_models.train(name, ...)``, trained once per process."""
+    import tiny_models  # imports every Ultralytics head: only for the tests that train
+
+    runs: dict[str, tiny_models.Run] = {}
+
+    def get(name: str) -> tiny_models.Run:
+        if name not in runs:
+            runs[name] = tiny_models.train(name, tmp_path_factory.mktemp(name))
+        return runs[name]
+
+    return get

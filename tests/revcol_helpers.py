@@ -4,20 +4,40 @@ from __future__ import annotations
 
 import io
 import os
+import pwd
+import socket
 import socketserver
+import subprocess
+import sys
 import threading
-import time
 from collections import Counter
 from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import pytest
 import torch
 
-from revcol import FullNet
+from revcol import CheckpointError, FullNet, RevColClassifier, VariantSpec, load_pretrained
+from revcol.diagnostics import gradients, randomize_, relative_error
+from revcol.diagnostics import output_weights as output_weights
+from revcol.weights.published import PublishedWeights
 
 TINY_CHANNELS = (8, 16, 24, 32)
 STRIDES = (4, 8, 16, 32)
+# The tiny configuration of most tests, as FullNet's keyword arguments and as a variant (with drop-path).
+TINY_CONFIG = {"channels": TINY_CHANNELS, "layers": (1, 1, 1, 1), "num_subnet": 2}
+TINY_SPEC = VariantSpec(**TINY_CONFIG, drop_path=0.1)
+# One train-mode forward and backward on either path: revcol.diagnostics' (examples and benchmarks use it too).
+run_grads = gradients
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on now: a server (a torchrun rendezvous) may bind it, and a client
+    connecting to it is refused at once."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 # Detectors on a very small custom RevCol backbone (reversible, with drop-path), trained end to end at 64 px.
@@ -67,27 +87,6 @@ def tiny_yaml(head: str, *, backbone: str = TINY_BACKBONE, neck: str = TINY_NECK
 TINY_YOLO_YAML = tiny_yaml("[[10, 7, 4], 1, Detect, [nc]]")
 
 
-def randomize_(model: torch.nn.Module, seed: int = 0, alpha_magnitude: tuple[float, float] = (0.5, 1.5)) -> None:
-    """Give every parameter a non-trivial value (gamma ~0.5 instead of 1e-6, random biases, alphas of both signs).
-
-    With the paper's init (layer scale 1e-6) the blocks barely contribute and gradients of most
-    weights are tiny, which would make gradient comparisons weak; here every term matters.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    low, high = alpha_magnitude
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=generator, dtype=torch.float64)
-            if name.rsplit(".", 1)[-1].startswith("alpha"):
-                magnitude = low + (high - low) * torch.rand(p.shape, generator=generator, dtype=torch.float64)
-                sign = torch.where(torch.rand(p.shape, generator=generator) < 0.5, -1.0, 1.0).double()
-                p.copy_(magnitude * sign)
-            elif name.endswith("gamma"):
-                p.copy_(0.5 + 0.1 * noise)
-            else:
-                p.add_(0.1 * noise.to(p.dtype))
-
-
 def make_net(
     channels: Sequence[int] = TINY_CHANNELS,
     layers: Sequence[int] = (1, 1, 1, 1),
@@ -111,50 +110,6 @@ def make_net(
 def make_input(n: int = 2, h: int = 32, w: int = 32, dtype: torch.dtype = torch.float64, seed: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(n, 3, h, w, generator=generator, dtype=torch.float64).to(dtype)
-
-
-def output_weights(outputs: Sequence[torch.Tensor], seed: int = 2) -> list[torch.Tensor]:
-    """Fixed random weights per output element, so the loss reaches every output non-uniformly."""
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randn(o.shape, generator=generator, dtype=torch.float64).to(o.dtype) for o in outputs]
-
-
-def run_grads(
-    model: FullNet,
-    x: torch.Tensor,
-    *,
-    save_memory: bool,
-    seed: int = 0,
-    autocast_dtype: torch.dtype | None = None,
-) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-    """Train-mode forward + backward of ``sum_l <w_l, c_l>``; returns the outputs and every gradient.
-
-    The generator is seeded right before the forward, so drop-path masks are the same for both paths.
-    Gradient keys are the parameter names plus ``"input"``. ``x`` keeps its strides (no copy).
-    """
-    model.save_memory = save_memory
-    model.train()
-    model.zero_grad(set_to_none=True)
-    x = x.detach().requires_grad_()
-    torch.manual_seed(seed)
-    if autocast_dtype is None:
-        outputs = model(x)
-    else:
-        with torch.autocast("cpu", dtype=autocast_dtype):
-            outputs = model(x)
-    loss = sum((o.to(w.dtype) * w).sum() for o, w in zip(outputs, output_weights(outputs), strict=True))
-    loss.backward()
-    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
-    grads["input"] = x.grad.detach().clone()
-    return [o.detach() for o in outputs], grads
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """``|actual - expected| / |expected|`` (Frobenius norms, in float64); absolute error if ``expected`` is zero."""
-    actual, expected = actual.double(), expected.double()
-    scale = expected.norm().item()
-    diff = (actual - expected).norm().item()
-    return diff / scale if scale > 0 else diff
 
 
 def assert_close_per_tensor(
@@ -205,9 +160,9 @@ def revcol_env(workdir: Path) -> dict[str, str]:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    """Serves ``server.files[path] = (body, mode)``; modes: ok, truncate, slow, stall, and the hostile ones:
-    trickle (one byte every ``server.delay`` s), endless (zeros without Content-Length until the client
-    leaves), oversize (announces 10 TB, sends the body)."""
+    """Serves ``server.files[path] = (body, mode)``; modes: ok, truncate, slow, stall, redirect (to the URL that
+    ``body`` holds), and the hostile ones: trickle (one byte every ``server.delay`` s), endless (zeros without
+    Content-Length until the client leaves), oversize (announces 10 TB, sends the body)."""
 
     server: WeightsServer
     timeout = 10  # seconds, on every request socket: a confused client cannot hold a thread forever
@@ -220,6 +175,12 @@ class _Handler(BaseHTTPRequestHandler):
         body, mode = self.server.files[self.path]
         if mode == "stall":  # never answers (until the test ends)
             self.server.stop.wait(5)
+            return
+        if mode == "redirect":
+            self.send_response(302)
+            self.send_header("Location", body.decode())
+            self.send_header("Content-Length", "0")
+            self.end_headers()
             return
         self.send_response(200)
         if mode != "endless":
@@ -280,7 +241,10 @@ class WeightsServer(ThreadingHTTPServer):
             for start in range(0, len(body), step):
                 out.write(body[start : start + step])
                 out.flush()
-                time.sleep(self.delay)
+                if self.stop.wait(self.delay):  # the test ended
+                    return
+        except OSError:  # the client hung up
+            return
         finally:
             with self._lock:
                 self._active -= 1
@@ -299,3 +263,119 @@ class WeightsServer(ThreadingHTTPServer):
                     return
         except OSError:  # the client hung up
             return
+
+
+# The published file of "revcol_test", a small variant that the tests needing one register (WEIGHTS, VARIANTS).
+TEST_ENTRY = PublishedWeights("revcol_test", "in1k", "revcol_test_1k.pth", 224, 80.0, 1000)
+LOCAL_HOSTS = ("127.0.0.1", "localhost")
+
+
+closed_port = free_port  # a port nothing listens on: a connection to it is refused at once
+
+
+def offline_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """torch's cache in ``tmp_path``, weights from a closed local port, name look-ups of any other host failing;
+    returns that URL base (a test that serves files points REVCOL_WEIGHTS_URL elsewhere)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    closed = f"http://127.0.0.1:{closed_port()}/weights"
+    monkeypatch.setenv("REVCOL_WEIGHTS_URL", closed)
+    real_getaddrinfo = socket.getaddrinfo
+
+    def local_only(host, *args, **kwargs):
+        if host not in LOCAL_HOSTS:
+            raise OSError(f"the test tried to reach {host!r}; only 127.0.0.1 is allowed")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", local_only)
+    return closed
+
+
+def published_checkpoint(seed: int = 5) -> tuple[bytes, dict[str, torch.Tensor]]:
+    """A file in the authors' layout (``model``, with intermediate-supervision heads) and its backbone tensors."""
+    backbone = make_net(num_subnet=2, dtype=torch.float32, seed=seed).state_dict()
+    heads = {
+        "cls_blocks.0.weight": torch.randn(10, 32),
+        "cls_blocks.0.bias": torch.randn(10),
+        "decoder_blocks.0.conv.weight": torch.randn(3, 8, 1, 1),
+    }
+    buffer = io.BytesIO()
+    torch.save({"model": {**backbone, **heads}}, buffer)
+    return buffer.getvalue(), backbone
+
+
+NOBODY = "nobody"
+
+
+def needs_another_user() -> None:
+    """Skip the test when it runs as root and there is no ``nobody`` to read files as."""
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam(NOBODY)
+        except KeyError:
+            pytest.skip("running as root without a 'nobody' user to read the file as")
+
+
+def run_as_nobody(code: str, folder: Path) -> subprocess.CompletedProcess:
+    """``code`` in a Python started by root that becomes ``nobody`` once it has read a checkpoint of its own: root
+    reads any file whatever its mode, another user does not. That first read imports what ``torch.load`` imports
+    lazily, so ``nobody`` needs no access to the interpreter's files (CI's venv sits in a folder only root enters).
+    """
+    account = pwd.getpwnam(NOBODY)
+    home = folder / "home"
+    home.mkdir()
+    warm_up = home / "warm-up.pth"
+    prologue = (
+        "import os, torch\nfrom revcol.checkpoints import read_checkpoint\n"
+        f"torch.save({{'w': torch.ones(1)}}, {str(warm_up)!r})\nread_checkpoint({str(warm_up)!r})\n"
+        f"os.unlink({str(warm_up)!r})\nos.setgid({account.pw_gid})\nos.setuid({account.pw_uid})\n"
+    )
+    env = revcol_env(home) | {"HOME": str(home), "YOLO_CONFIG_DIR": str(home)}
+    return subprocess.run(
+        [sys.executable, "-c", prologue + code], env=env, cwd=home, capture_output=True, text=True, timeout=120
+    )
+
+
+# --------------------------------------------------------------------------- checkpoints and timm models
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    """``a`` and ``b`` have the same tensor names, in the same order, with equal values."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for name in sa:
+        assert torch.equal(sa[name], sb[name]), name
+
+
+def assert_load_refused(model: torch.nn.Module, path: Path, pattern: str) -> None:
+    """``load_pretrained(model, path)`` raises a ``CheckpointError`` matching ``pattern`` and changes nothing."""
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=pattern):
+        load_pretrained(model, path)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing half-loaded
+
+
+def clear_load_error(model: torch.nn.Module, path: Path, pattern: str) -> CheckpointError:
+    """The ``CheckpointError`` of ``load_pretrained(model, path)``: it matches ``pattern``, names the file and is not
+    chained to the error underneath (a torch traceback)."""
+    with pytest.raises(CheckpointError, match=pattern) as info:
+        load_pretrained(model, path)
+    error = info.value
+    assert str(path) in str(error)
+    assert error.__cause__ is None and (error.__context__ is None or error.__suppress_context__)
+    return error
+
+
+def seeded_images(size: int = 64, n: int = 1, seed: int = 0) -> torch.Tensor:
+    """A float32 batch of ``n`` random RGB images, ``size`` pixels square."""
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def tiny_timm_model(**kwargs) -> RevColClassifier:
+    """``timm.create_model("revcol_tiny", **kwargs)`` with non-trivial weights (layer scale 1e-6 would make every
+    block nearly the identity)."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("revcol_tiny", **kwargs)
+    randomize_(model, seed=1)
+    return model

@@ -1,38 +1,31 @@
-"""Smoke test of the benchmark suite (benchmarks/run.py --quick): it runs and reports; no timing assertions."""
+"""Smoke test of the benchmark suite (``python -m benchmarks.run --quick``): it runs and reports; no timing
+assertions."""
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from revcol.diagnostics import relative_error
 
 
 @pytest.fixture(scope="module")
 def bench():
-    """benchmarks/run.py as a module; loading it puts benchmarks/ on sys.path for its sibling modules."""
-    if not (BENCHMARKS / "run.py").is_file():
+    """The ``benchmarks`` package (beside ``src``: pytest's ``pythonpath`` puts the repository root on sys.path)."""
+    try:
+        return importlib.import_module("benchmarks.run")
+    except ModuleNotFoundError as error:
+        if error.name != "benchmarks":
+            raise
         pytest.skip("benchmarks/ is not part of this installation")
-    path = list(sys.path)
-    spec = importlib.util.spec_from_file_location("revcol_benchmarks_run", BENCHMARKS / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.path[:] = path
-    for name in [n for n, m in sys.modules.items() if str(getattr(m, "__file__", "")).startswith(str(BENCHMARKS))]:
-        del sys.modules[name]
 
 
 @pytest.fixture(scope="module")
 def harness(bench):
-    return importlib.import_module("harness")
+    return importlib.import_module("benchmarks.harness")
 
 
 def test_quick_run_writes_a_table_and_a_plot(bench, tmp_path):
@@ -43,6 +36,7 @@ def test_quick_run_writes_a_table_and_a_plot(bench, tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert results.read_text() == text
+    assert "Command: `python -m benchmarks.run --quick --repeats 1 --results" in text
     assert "| metric | goal | measured | met |" in text
     sections = ("construction", "exactness", "memory", "footprint", "train", "eval", "scaling", "compile", "profile")
     for section in (*sections, "cuda"):
@@ -51,6 +45,21 @@ def test_quick_run_writes_a_table_and_a_plot(bench, tmp_path):
     for row in (*rows, "revcol_tiny rev vs convnext_tiny", "RT-DETR RevCol-S rev vs ResNet-50"):
         assert row in text
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_config_reads_the_variant_from_the_library(harness):
+    import revcol
+
+    cfg = harness.Config()
+    spec = revcol.VARIANTS["revcol_small"]
+    assert (cfg.channels, cfg.layers, cfg.columns, cfg.drop_path) == (
+        spec.channels,
+        spec.layers,
+        spec.num_subnet,
+        spec.drop_path,
+    )
+    assert cfg.name == "revcol_small shape"
+    assert harness.QUICK.name == "tiny (smoke)" and harness.QUICK.smoke
 
 
 def test_reference_baseline_matches_the_library(harness):
@@ -64,7 +73,7 @@ def test_reference_baseline_matches_the_library(harness):
     ref = harness.gradients(ours, x, "plain")
     for model, mode in ((ours, "rev"), (ours, "ckpt"), (base, "plain"), (base, "rev")):
         grads = harness.gradients(model, x, mode)
-        assert max(harness.rel_err(grads[n], ref[n]) for n in ref) < 1e-9, (type(model).__name__, mode)
+        assert max(relative_error(grads[n], ref[n]) for n in ref) < 1e-9, (type(model).__name__, mode)
 
 
 def test_unknown_section_is_an_error(bench, capsys):
@@ -75,13 +84,13 @@ def test_unknown_section_is_an_error(bench, capsys):
 
 def test_device_section_code_path_on_cpu(harness):
     """The CUDA section's step loop (skipped without a GPU) also runs on the CPU: exercise it there."""
-    device_steps = importlib.import_module("sections.cuda").device_steps
+    device_steps = importlib.import_module("benchmarks.sections.cuda").device_steps
     cfg = dataclasses.replace(harness.QUICK, repeats=1)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        lines, results = device_steps(cfg, torch.device("cpu"))
+        steps = device_steps(cfg, torch.device("cpu"))
     finally:
         torch.set_num_threads(threads)
-    assert set(results) == {(m, p) for m in ("plain", "rev") for p in ("fp32", "bf16 autocast")}
-    assert sum(line.startswith("| rev |") for line in lines) == 2
+    assert set(steps.results) == {(m, p) for m in ("plain", "rev") for p in ("fp32", "bf16 autocast")}
+    assert sum(line.startswith("| rev |") for line in steps.lines) == 2

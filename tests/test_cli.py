@@ -1,14 +1,18 @@
-"""The installed ``revcol`` console script, run as a user would (subprocesses in a temporary folder)."""
+"""The ``revcol`` command (``revcol.cli``): the installed console script run as a user would (subprocesses in a
+temporary folder), and ``main`` called in-process."""
 
 from __future__ import annotations
 
 import csv
+import logging
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import ultralytics
+from plugin_helpers import TINY
 from revcol_helpers import TINY_RTDETR_YAML, revcol_env
 
 from revcol.cli import HELP, main
@@ -113,6 +117,23 @@ def test_info_of_a_model_yaml(monkeypatch, caplog):
         assert main(["info", "rtdetr-revcol-demo.yaml", "--imgsz", "128"]) == 0  # a shipped config, by bare name
     out = caplog.text  # Ultralytics' summary is logged
     assert "rtdetr-revcol-demo summary:" in out and "875,093 parameters" in out and "GFLOPs" in out
+
+
+def test_info_of_a_classify_yaml_prints_one_summary(tmp_path, capsys):
+    from revcol import cli
+
+    path = tmp_path / "cls-revcol.yaml"
+    path.write_text(f"nc: 3\nbackbone:\n  - [-1, 1, revcol, [{TINY}]]\nhead:\n  - [-1, 1, Classify, [nc]]\n")
+    logged = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    ultralytics.utils.LOGGER.addHandler(handler)
+    try:
+        assert cli.main(["info", str(path), "--imgsz", "64"]) == 0
+    finally:
+        ultralytics.utils.LOGGER.removeHandler(handler)
+    summaries = [m for m in logged + capsys.readouterr().out.splitlines() if "summary" in m]
+    assert len(summaries) == 1, summaries
 
 
 def test_info_unknown_variant(capsys):

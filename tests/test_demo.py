@@ -1,4 +1,4 @@
-"""The synthetic shapes dataset of ``revcol.demo`` and a shortened ``revcol demo`` run."""
+"""The offline demo (``revcol.demo``): its synthetic shapes dataset, its pieces and a shortened ``revcol demo`` run."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from plugin_helpers import tiny_rtdetr
 from revcol_helpers import revcol_env
 
-from revcol.demo.run import PICTURE_SIZE, annotate, available_cores, offline, training_threads
+from revcol.demo.run import PICTURE_SIZE, annotate, available_cores, denoising_queries, offline, training_threads
 from revcol.demo.shapes import CLASSES, MAX_SHAPES, generate_dataset
 
 REVCOL = Path(sys.executable).with_name("revcol")
@@ -157,6 +158,20 @@ def test_training_threads_use_every_core_only_without_loader_workers():
     assert training_threads("CPU", workers=0) == available_cores()
     assert training_threads("cpu", workers=2) is None  # Ultralytics leaves a core to its loader workers
     assert training_threads("0", workers=0) is None  # a GPU: Ultralytics' setting
+
+
+def test_denoising_queries_hold_for_the_block_only():
+    model = tiny_rtdetr()
+    decoder = model.model[-1]
+    before = decoder.num_denoising
+    with pytest.raises(RuntimeError, match="inside"), denoising_queries(model, 3):
+        assert decoder.num_denoising == 3 and vars(type(decoder)).get("num_denoising") is None  # this decoder only
+        raise RuntimeError("inside")
+    assert decoder.num_denoising == before
+    with pytest.raises(ValueError, match=r"must be >= 0, got -1"), denoising_queries(model, -1):
+        pass
+    with pytest.raises(ValueError, match=r"need an RT-DETR model"), denoising_queries(torch.nn.Linear(2, 2), 3):
+        pass
 
 
 def test_shortened_demo_writes_every_promised_output(tmp_path):

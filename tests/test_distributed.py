@@ -19,24 +19,17 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from revcol_helpers import make_input, make_net, output_weights, relative_error
+from revcol_helpers import free_port, make_input, make_net, output_weights, relative_error
 from torch.nn.parallel import DistributedDataParallel
 
 WORLD = 2
 GLOBAL_BATCH = 4
 TOLERANCE = 1e-5  # float32; the gradients differ only by summation order
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _loss(outputs, weights) -> torch.Tensor:
@@ -110,4 +103,4 @@ def _worker(rank: int, port: int) -> None:
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
 def test_ddp_reversible_gradients_match_single_process():
-    mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(),), nprocs=WORLD, join=True)

@@ -1,9 +1,11 @@
-"""End to end with Ultralytics on CPU, offline: train, val, predict, reload, safe load, ONNX, DDP file."""
+"""End to end with Ultralytics on CPU, offline: train, val, predict, reload, safe load, DDP file, resume.
+
+The two tiny detectors (``tiny_models.DETECTORS``) train once per test process (the ``trained`` fixture); the ONNX
+parity of their ``best.pt`` is ``test_export.py``'s.
+"""
 
 from __future__ import annotations
 
-import functools
-import json
 import os
 import subprocess
 import sys
@@ -13,96 +15,36 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from revcol_helpers import TINY_RTDETR_YAML, TINY_YOLO_YAML
-from ultralytics import RTDETR, YOLO
+from revcol_helpers import TINY_RTDETR_YAML
+from tiny_models import DETECTORS, IMGSZ, FreshPrediction, Run, predict_in_fresh_processes
+from ultralytics import RTDETR
 
 from revcol import FullNet
 from revcol.demo import generate_dataset
 from revcol.ultralytics.backbone import RevColBackbone
 from revcol.ultralytics.trainers import RevColDetectionTrainer, RevColRTDETRTrainer, no_decay_parameters
 
-IMGSZ = 64
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
-    (root / "rtdetr-tiny-revcol.yaml").write_text(TINY_RTDETR_YAML)
-    (root / "yolo-tiny-revcol.yaml").write_text(TINY_YOLO_YAML)
-    return root, generate_dataset(root / "data", n_train=8, n_val=4, imgsz=IMGSZ, seed=0)
-
-
-# Backbone weights of each run when training starts and ends, by run name and event (a module-level function keeps
-# the callbacks picklable, as Ultralytics' DDP launcher pickles the trainer with them). In memory, in float32:
-# best.pt holds float16 weights, which would hide the small first steps of a short run.
-BACKBONE: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-
-
-def _snapshot_backbone(name, event, trainer):
-    BACKBONE[name, event] = {k: v.detach().clone() for k, v in trainer.model.model[0].state_dict().items()}
-
-
-def _train(model, workspace, name):
-    root, data = workspace
-    for event in ("on_train_start", "on_train_end"):
-        model.add_callback(event, functools.partial(_snapshot_backbone, name, event))
-    model.train(
-        data=str(data), epochs=1, imgsz=IMGSZ, batch=4, workers=0, device="cpu", plots=False,
-        project=str(root / "runs"), name=name, exist_ok=True, amp=False, verbose=False,
-        nbs=4,  # nominal batch = batch: an optimizer step every iteration (default 64 would accumulate 16)
-    )  # fmt: skip
-    return model
-
-
-@pytest.fixture(scope="module")
-def rtdetr(workspace):
-    return _train(RTDETR(str(workspace[0] / "rtdetr-tiny-revcol.yaml")), workspace, "rtdetr")
-
-
-@pytest.fixture(scope="module")
-def yolo(workspace):
-    return _train(YOLO(str(workspace[0] / "yolo-tiny-revcol.yaml")), workspace, "yolo")
-
 
 @pytest.fixture(params=["rtdetr", "yolo"])
-def trained(request):
-    return request.getfixturevalue(request.param)
+def detector(request, trained) -> Run:
+    return trained(request.param)
 
 
 def _boxes(model, image) -> list:
     return model.predict(image, imgsz=IMGSZ, conf=0.0, verbose=False)[0].boxes.data.tolist()
 
 
-PREDICT = """
-import json, sys
-from ultralytics import RTDETR, YOLO
-cls = RTDETR if "rtdetr" in sys.argv[1] else YOLO
-result = cls(sys.argv[1]).predict(sys.argv[2], imgsz={imgsz}, conf=0.0, verbose=False)[0]
-print(json.dumps({{"boxes": result.boxes.data.tolist(), "revcol_imported_by_load": "revcol" in sys.modules}}))
-"""
-
-
-def _predict_in_fresh_process(weights, image, prelude="", env=None) -> dict:
-    script = prelude + PREDICT.format(imgsz=IMGSZ)
-    env = {**os.environ, "YOLO_OFFLINE": "true", **(env or {})}
-    out = subprocess.run(
-        [sys.executable, "-c", script, str(weights), str(image)], capture_output=True, text=True, env=env, check=False
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def test_train_writes_best_and_uses_revcol_trainer(trained):
+def test_train_writes_best_and_uses_revcol_trainer(detector):
+    trained = detector.model
     best = Path(trained.trainer.best)
     assert best.is_file() and best.name == "best.pt"
     assert type(trained.trainer) in (RevColRTDETRTrainer, RevColDetectionTrainer)
     assert isinstance(trained.model.model[0], RevColBackbone)
 
 
-def test_training_updates_backbone_weights(trained):
-    name = "rtdetr" if isinstance(trained, RTDETR) else "yolo"
-    before, after = BACKBONE[name, "on_train_start"], BACKBONE[name, "on_train_end"]
-    assert set(after) == set(before) == set(trained.model.model[0].state_dict())
+def test_training_updates_backbone_weights(detector):
+    before, after = detector.backbone("on_train_start"), detector.backbone("on_train_end")
+    assert set(after) == set(before) == set(detector.model.model.model[0].state_dict())
     unchanged = {k for k in before if torch.equal(before[k], after[k])}
     # The first column's alphas multiply zeros, so they get no gradient. A few norm weights may not move either:
     # behind a layer scale of 1e-6 their gradients are so small that Adam's eps swallows them in two steps.
@@ -112,72 +54,58 @@ def test_training_updates_backbone_weights(trained):
     assert len(unchanged) <= 0.1 * len(before), sorted(unchanged)
 
 
-def test_optimizer_groups_exempt_alphas_and_gammas(trained):
-    decay = {id(p): g["weight_decay"] for g in trained.trainer.optimizer.param_groups for p in g["params"]}
-    special = no_decay_parameters(trained.trainer.model)
+def test_optimizer_groups_exempt_alphas_and_gammas(detector):
+    trainer = detector.model.trainer
+    decay = {id(p): g["weight_decay"] for g in trainer.optimizer.param_groups for p in g["params"]}
+    special = no_decay_parameters(trainer.model)
     assert special and all(decay[id(p)] == 0.0 for p in special)
     assert max(decay.values()) > 0
 
 
-def test_val_returns_metrics(trained, workspace):
-    root, data = workspace
-    metrics = trained.val(
-        data=str(data), imgsz=IMGSZ, batch=4, workers=0, plots=False, verbose=False, project=str(root / "runs")
-    )
+def test_val_returns_metrics(detector):
+    metrics = detector.model.val(
+        data=str(detector.data), imgsz=IMGSZ, batch=4, workers=0, plots=False, verbose=False,
+        project=str(detector.root / "runs"),
+    )  # fmt: skip
     assert 0.0 <= metrics.box.map50 <= 1.0
     assert "metrics/mAP50(B)" in metrics.results_dict
 
 
-def test_best_pt_predicts_same_boxes_in_fresh_processes(trained, workspace):
-    image = next((workspace[1].parent / "images" / "val").glob("*.png"))
-    best = Path(trained.trainer.best)
-    expected = _boxes(type(trained)(str(best)), str(image))
+@pytest.fixture(scope="module")
+def fresh(trained, tmp_path_factory) -> dict[str, dict[str, FreshPrediction]]:
+    """Both detectors' ``best.pt`` predicting in fresh processes: plainly, and with Ultralytics' weights-only
+    loading (``ULTRALYTICS_SAFE_LOAD``), where a load before ``import revcol`` must be refused."""
+    folder = tmp_path_factory.mktemp("fresh")
+    runs = [trained(name) for name in DETECTORS]
+    plain = {**os.environ, "YOLO_OFFLINE": "true"}
+    safe = plain | {"ULTRALYTICS_SAFE_LOAD": "true"}
+    return {
+        "plain": predict_in_fresh_processes(runs, folder / "plain", plain),
+        "safe": predict_in_fresh_processes(runs, folder / "safe", safe),
+    }
+
+
+def test_best_pt_predicts_same_boxes_in_fresh_processes(detector, fresh):
+    expected = _boxes(type(detector.model)(str(detector.best)), str(detector.image))
     assert expected, "predict returned no boxes"
 
-    plain = _predict_in_fresh_process(best, image)
-    assert plain["revcol_imported_by_load"]  # unpickling the model imported (and registered) revcol itself
-    np.testing.assert_allclose(plain["boxes"], expected, atol=1e-4)
+    plain = fresh["plain"][detector.name]
+    assert plain.report is not None, plain.log[-3000:]
+    assert plain.report["revcol_imported_by_load"]  # unpickling the model imported (and registered) revcol itself
+    np.testing.assert_allclose(plain.arrays["boxes"], expected, atol=1e-4)
 
-    safe = _predict_in_fresh_process(best, image, prelude="import revcol\n", env={"ULTRALYTICS_SAFE_LOAD": "true"})
-    np.testing.assert_allclose(safe["boxes"], expected, atol=1e-4)
-
-
-def test_safe_load_refuses_without_revcol(trained):
-    script = textwrap.dedent(
-        f"""
-        from ultralytics import RTDETR
-        try:
-            RTDETR({str(trained.trainer.best)!r})
-        except Exception as e:
-            print("refused:", type(e).__name__)
-        """
-    )
-    env = {**os.environ, "YOLO_OFFLINE": "true", "ULTRALYTICS_SAFE_LOAD": "true"}
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
-    assert "refused:" in out.stdout
+    # Ultralytics' weights-only loading: refused while revcol is not imported, the same boxes once it is
+    safe = fresh["safe"][detector.name]
+    assert safe.report is not None, safe.log[-3000:]
+    assert safe.report["refused"] is not None
+    np.testing.assert_allclose(safe.arrays["boxes"], expected, atol=1e-4)
 
 
-def test_onnx_export_matches_pytorch(trained):
-    import onnxruntime
-
-    model = type(trained)(str(trained.trainer.best))
-    path = model.export(format="onnx", imgsz=IMGSZ, verbose=False)
-    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-    x = torch.rand(1, 3, IMGSZ, IMGSZ, generator=torch.Generator().manual_seed(0))
-    (onnx_out, *_) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-    torch_model = type(trained)(str(trained.trainer.best)).model.eval()
-    with torch.no_grad():
-        torch_out = torch_model(x)
-    torch_out = torch_out[0] if isinstance(torch_out, (list, tuple)) else torch_out
-    assert onnx_out.shape == tuple(torch_out.shape)
-    assert np.abs(onnx_out - torch_out.numpy()).max() <= 1e-4
-
-
-def test_ddp_worker_registers_revcol_in_a_fresh_interpreter(rtdetr):
+def test_ddp_worker_registers_revcol_in_a_fresh_interpreter(trained):
     """The file Ultralytics' DDP launcher runs in every worker rebuilds a RevCol trainer, with revcol registered."""
     from ultralytics.utils.dist import generate_ddp_file
 
-    file = Path(generate_ddp_file(rtdetr.trainer))
+    file = Path(generate_ddp_file(trained("rtdetr").model.trainer))
     # Run the worker file as the launcher does, in a fresh interpreter, and stop where training would begin.
     check = textwrap.dedent(
         f"""
@@ -198,7 +126,7 @@ def test_ddp_worker_registers_revcol_in_a_fresh_interpreter(rtdetr):
     )
     try:
         env = {**os.environ, "YOLO_OFFLINE": "true"}
-        out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env)
+        out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env, timeout=120)
         assert out.returncode == 0, out.stderr[-3000:]
         assert "worker: revcol.ultralytics.trainers RevColRTDETRTrainer registered: True" in out.stdout
     finally:
@@ -214,9 +142,9 @@ def _stop(trainer):
     raise _StopAfterFirstEpoch
 
 
-def test_trained_model_never_needs_its_pretrained_file_again(workspace, tmp_path):
+def test_trained_model_never_needs_its_pretrained_file_again(tmp_path):
     """Fine-tune, resume, val, predict and export from a .pt whose YAML names an ImageNet file that is gone."""
-    data = workspace[1]
+    data = generate_dataset(tmp_path / "data", n_train=8, n_val=4, imgsz=IMGSZ, seed=0)
     imagenet = tmp_path / "imagenet.pth"
     torch.save({"model": FullNet([8, 16, 32, 64], [1, 1, 1, 1], 2).state_dict()}, imagenet)
     yaml_file = tmp_path / "pretrained-rtdetr.yaml"

@@ -2,10 +2,10 @@
 
 Through Ultralytics' public entry point (``model.export(format=..., imgsz=64, dynamic=...)`` of a ``.pt``): ONNX
 (onnxruntime), TorchScript (``torch.jit.load``) and OpenVINO (``openvino.Core``), for RT-DETR and YOLO heads, at 64
-and, for graphs with dynamic shapes, at 96 x 96 and 64 x 96; and the bare ``revcol.FullNet`` through
-``torch.onnx.export``. Static ONNX of trained ``best.pt`` files is
-``tests/test_e2e.py::test_onnx_export_matches_pytorch``. The last tests pin down what each runtime does with an input
-size the graph cannot take (README, *Export*): a traced graph cannot run our Python ``InputError`` check.
+and, for graphs with dynamic shapes, at 96 x 96 and 64 x 96; the bare ``revcol.FullNet`` (RevCol-H's wiring too)
+through ``torch.onnx.export``; and static ONNX of the trained ``best.pt`` of every task's tiny model and both tiny
+detectors (``tiny_models``). The size tests pin down what each runtime does with an input size the graph cannot
+take (README, *Export*): a traced graph cannot run our Python ``InputError`` check.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import pytest
 import torch
 import ultralytics
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
-from revcol_helpers import TINY_RTDETR_YAML, TINY_YOLO_YAML, randomize_
+from revcol_helpers import TINY_CHANNELS, TINY_RTDETR_YAML, TINY_YOLO_YAML, randomize_
+from tiny_models import DETECTORS, TASKS
 from ultralytics import RTDETR, YOLO
 from ultralytics.utils.checks import check_version
 
@@ -163,17 +164,22 @@ def exported(weights) -> dict[tuple[str, str, bool], Runner]:
     return runners
 
 
-def _pytorch(weights: dict[str, Path], name: str, x: np.ndarray) -> np.ndarray:
-    model = (RTDETR if name == "rtdetr" else YOLO)(str(weights[name])).model.eval()
+@pytest.fixture(scope="module")
+def eager(weights) -> dict[str, torch.nn.Module]:
+    """Each ``.pt`` loaded once by Ultralytics, in eval mode: what the exported graphs are compared with."""
+    return {name: (RTDETR if name == "rtdetr" else YOLO)(str(path)).model.eval() for name, path in weights.items()}
+
+
+def _pytorch(eager: dict[str, torch.nn.Module], name: str, x: np.ndarray) -> np.ndarray:
     with torch.no_grad():
-        return _first(model(torch.from_numpy(x))).numpy()
+        return _first(eager[name](torch.from_numpy(x))).numpy()
 
 
 @pytest.mark.parametrize("name", ["rtdetr", "yolo"])
 @pytest.mark.parametrize(("fmt", "dynamic"), [("onnx", True), ("torchscript", False), ("openvino", False)])
-def test_export_matches_pytorch_at_export_size(exported, weights, name, fmt, dynamic):
+def test_export_matches_pytorch_at_export_size(exported, eager, name, fmt, dynamic):
     x = _image(IMGSZ, IMGSZ).numpy()
-    _assert_matches(exported[name, fmt, dynamic](x), _pytorch(weights, name, x))
+    _assert_matches(exported[name, fmt, dynamic](x), _pytorch(eager, name, x))
 
 
 def _rtdetr_dynamic(fmt: str):
@@ -192,14 +198,21 @@ def _rtdetr_dynamic(fmt: str):
     ],
 )
 @pytest.mark.parametrize(("h", "w"), [(96, 96), (64, 96)])
-def test_dynamic_export_matches_pytorch_at_other_sizes(exported, weights, name, fmt, h, w):
+def test_dynamic_export_matches_pytorch_at_other_sizes(exported, eager, name, fmt, h, w):
     x = _image(h, w, seed=1).numpy()
-    _assert_matches(exported[name, fmt, True](x), _pytorch(weights, name, x))
+    _assert_matches(exported[name, fmt, True](x), _pytorch(eager, name, x))
 
 
-def test_fullnet_dynamic_onnx_matches_its_four_outputs(tmp_path):
+@pytest.mark.parametrize(
+    ("channels", "layers", "level0_from_coarsest"),
+    [((8, 16, 32, 64), (1, 1, 1, 1), False), (TINY_CHANNELS, (1, 2, 1, 1), True)],
+    ids=["plain", "revcol-h-wiring"],
+)
+def test_fullnet_dynamic_onnx_matches_its_four_outputs(tmp_path, channels, layers, level0_from_coarsest):
+    """The bare backbone through ``torch.onnx.export`` with dynamic batch and sizes, also RevCol-H's level-3 ->
+    level-0 branch (``level0_from_coarsest``)."""
     torch.manual_seed(0)
-    net = FullNet([8, 16, 32, 64], [1, 1, 1, 1], num_subnet=2, kernel_size=3)
+    net = FullNet(channels, layers, num_subnet=2, kernel_size=3, level0_from_coarsest=level0_from_coarsest)
     randomize_(net)
     net.eval()
     path = tmp_path / "fullnet.onnx"
@@ -210,12 +223,13 @@ def test_fullnet_dynamic_onnx_matches_its_four_outputs(tmp_path):
         dynamo=False,
     )  # fmt: skip
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    for h, w in ((IMGSZ, IMGSZ), (96, 64)):
-        x = _image(h, w, seed=2)
+    for n, h, w in ((1, IMGSZ, IMGSZ), (1, 96, 64), (2, 96, 64)):
+        x = torch.rand(n, 3, h, w, generator=torch.Generator().manual_seed(2))
         with torch.no_grad():
             expected = [c.numpy() for c in net(x)]
         actual = session.run(names, {"images": x.numpy()})
-        assert [a.shape[-2:] for a in actual] == [(h // s, w // s) for s in (4, 8, 16, 32)]
+        shapes = [(n, c, h // s, w // s) for c, s in zip(channels, (4, 8, 16, 32), strict=True)]
+        assert [a.shape for a in actual] == shapes
         for a, e in zip(actual, expected, strict=True):
             _assert_matches(a, e)
 
@@ -242,10 +256,10 @@ EMPTY_ON_SOME_CPUS = {("openvino", True)}
 
 @pytest.mark.parametrize(("fmt", "dynamic"), list(WRONG_SIZE))
 @pytest.mark.parametrize(("h", "w"), [(96, 80), (100, 100)])
-def test_size_not_a_multiple_of_32_fails_in_every_runtime(exported, weights, fmt, dynamic, h, w):
+def test_size_not_a_multiple_of_32_fails_in_every_runtime(exported, eager, fmt, dynamic, h, w):
     x = _image(h, w).numpy()
     with pytest.raises(InputError, match="multiples of 32"):
-        _pytorch(weights, "yolo", x)
+        _pytorch(eager, "yolo", x)
     error, message = WRONG_SIZE[fmt, dynamic]
     if (fmt, dynamic) in EMPTY_ON_SOME_CPUS:
         try:
@@ -269,8 +283,39 @@ def test_static_torchscript_fails_at_other_multiples_of_32(exported):
 @pytest.mark.parametrize(
     ("fmt", "dynamic"), [("onnx", True), ("openvino", True), ("torchscript", True), ("torchscript", False)]
 )
-def test_one_to_three_extra_rows_or_columns_are_ignored(exported, weights, fmt, dynamic):
+def test_one_to_three_extra_rows_or_columns_are_ignored(exported, eager, fmt, dynamic):
     # The stride-4 stem (kernel 4) floors 65..67 to the same 16 positions as 64: such graphs run without an error and
     # give the result of the input cropped to 64 x 64, which eager PyTorch refuses.
     x = _image(IMGSZ + 1, IMGSZ + 3).numpy()
-    _assert_matches(exported["yolo", fmt, dynamic](x), _pytorch(weights, "yolo", x[..., :IMGSZ, :IMGSZ]))
+    _assert_matches(exported["yolo", fmt, dynamic](x), _pytorch(eager, "yolo", x[..., :IMGSZ, :IMGSZ]))
+
+
+# --------------------------------------------------------------------------- trained best.pt files, static ONNX
+
+
+def _eval_outputs(output) -> list[torch.Tensor]:
+    """The tensors an export returns, from an eval-mode forward: ``(y, raw)`` or ``((y, proto), raw)``."""
+    head = output[0] if isinstance(output, (list, tuple)) else output
+    return list(head) if isinstance(head, (list, tuple)) else [head]
+
+
+@pytest.mark.parametrize("name", [*DETECTORS, *TASKS])
+def test_trained_best_pt_onnx_matches_pytorch(trained, name):
+    """The ``best.pt`` of each tiny model that ``test_e2e``/``test_tasks`` train (every task, both detectors)."""
+    run = trained(name)
+    path = run.model.__class__(str(run.best)).export(format="onnx", imgsz=IMGSZ, verbose=False)
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    x = torch.rand(1, 3, IMGSZ, IMGSZ, generator=torch.Generator().manual_seed(0))
+    onnx_outputs = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    model = run.model.__class__(str(run.best)).model.eval()
+    if run.task is not None and run.task.name in {"semantic", "depth"}:  # graphs end upsampled (semantic: class map)
+        model.model[-1].export, model.model[-1].format = True, "onnx"
+    with torch.no_grad():
+        torch_outputs = _eval_outputs(model(x))
+    assert len(onnx_outputs) == len(torch_outputs)
+    for actual, expected in zip(onnx_outputs, torch_outputs, strict=True):
+        assert actual.shape == tuple(expected.shape)
+        if np.issubdtype(expected.numpy().dtype, np.integer):  # semantic's class map (8.4.67 exports the logits)
+            assert actual.dtype == expected.numpy().dtype and np.mean(actual != expected.numpy()) <= 1e-3
+        else:
+            assert np.abs(actual - expected.numpy()).max() <= 1e-4

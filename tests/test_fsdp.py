@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,26 +16,20 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from revcol_helpers import make_net, revcol_env
+from revcol_helpers import free_port, make_net, revcol_env
 
 from revcol import CheckpointError, ConfigError
 from revcol.distributed.checkpoints import load_checkpoint, save_checkpoint
 from revcol.distributed.fsdp import cpu_fsdp_supported, shard
 
 WORKER = Path(__file__).resolve().parent / "fsdp_worker.py"
-TIMEOUT = 420  # seconds for one launch, all its ranks
+TIMEOUT = 180  # seconds for one launch, all its ranks (about 15 s on 2 busy cores)
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
 )
 # torch 2.6's fully_shard cannot run on CPU tensors; there, shard() must say so (test_old_torch_refuses_cpu_fsdp).
 needs_cpu_fsdp = pytest.mark.skipif(not cpu_fsdp_supported(), reason="this torch's FSDP2 does not run on the CPU")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _torchrun(*args: str) -> list[str]:
@@ -91,7 +84,7 @@ def _check_checkpoint(out: Path) -> None:
 @needs_cpu_fsdp
 def test_two_ranks_on_one_node(tmp_path):
     out = tmp_path / "out"
-    port = _free_port()
+    port = free_port()
     (output,) = _launch(
         [_torchrun("--nnodes", "1", "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(port))],
         out,
@@ -104,7 +97,7 @@ def test_two_ranks_on_one_node(tmp_path):
 @needs_cpu_fsdp
 def test_two_nodes_of_one_rank_each(tmp_path):
     out = tmp_path / "out"
-    port = _free_port()
+    port = free_port()
     nodes = [
         _torchrun(
             "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node),

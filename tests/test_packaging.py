@@ -28,9 +28,12 @@ CORE_MODULES += [f"checkpoints/{p.name}" for p in sorted(PACKAGE_DIR.glob("check
 def test_wheel_install_loads_shipped_configs_by_bare_name(tmp_path):
     wheels, target = tmp_path / "wheels", tmp_path / "site"
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", str(ROOT), "--no-deps", "-w", str(wheels)], check=True, capture_output=True)
+    subprocess.run(
+        [*pip, "wheel", str(ROOT), "--no-deps", "-w", str(wheels)], check=True, capture_output=True, timeout=300
+    )
     (wheel,) = wheels.glob("revcol-*.whl")
-    subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True, capture_output=True)
+    install = [*pip, "install", "--no-deps", "--target", str(target), str(wheel)]
+    subprocess.run(install, check=True, capture_output=True, timeout=300)
     script = (
         "import revcol, sys\n"
         f"assert revcol.__file__.startswith({str(target)!r}), revcol.__file__\n"
@@ -47,7 +50,9 @@ def test_wheel_install_loads_shipped_configs_by_bare_name(tmp_path):
         "print('ok')\n"
     )
     env = {**os.environ, "PYTHONPATH": str(target), "YOLO_OFFLINE": "true"}
-    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("ok")
 

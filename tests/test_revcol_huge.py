@@ -8,8 +8,16 @@ import math
 import pytest
 import torch
 import yaml
-from revcol_helpers import TINY_CHANNELS, TINY_RTDETR_YAML, assert_close_per_tensor, make_input, randomize_, run_grads
-from test_model import expected_parameters, reference_forward
+from design_reference import expected_parameters, reference_forward, up2_parameters
+from revcol_helpers import (
+    TINY_CHANNELS,
+    TINY_CONFIG,
+    TINY_RTDETR_YAML,
+    assert_close_per_tensor,
+    make_input,
+    randomize_,
+    run_grads,
+)
 
 import revcol
 from revcol import CheckpointError, FullNet, RevColBackbone, load_pretrained, weights
@@ -21,17 +29,6 @@ pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 # The authors' models/revcol_huge.py: channels, depths, columns, drop-path; README: 2.1 B parameters.
 HUGE = ((360, 720, 1440, 2880), (1, 2, 6, 2), 8, 0.5)
-
-
-def up2_parameters(channels, num_subnet) -> dict[str, tuple[int, ...]]:
-    """``fusion.up2`` of the authors' RevCol-H: Linear(C3, C0) + LayerNorm(C0) at level 0 of columns 1 on."""
-    c0, c3 = channels[0], channels[3]
-    shapes = {}
-    for i in range(1, num_subnet):
-        name = f"subnet{i}.level0.fusion.up2.channel_reschedule"
-        shapes |= {f"{name}.0.weight": (c0, c3), f"{name}.0.bias": (c0,), f"{name}.1.weight": (c0,)}
-        shapes[f"{name}.1.bias"] = (c0,)
-    return shapes
 
 
 def make_huge_like(layers=(1, 2, 1, 1), num_subnet=3, *, drop_path=0.0, seed=0) -> FullNet:
@@ -86,7 +83,7 @@ def test_revcol_huge_in_a_yaml_backbone_line():
 
 
 def test_custom_yaml_backbone_takes_the_option():
-    options = {"channels": list(TINY_CHANNELS), "layers": [1, 1, 1, 1], "num_subnet": 2}
+    options = dict(TINY_CONFIG)
     assert RevColBackbone("revcol", options).subnet1.level0.fusion.up2 is None
     backbone = RevColBackbone("revcol", {**options, "level0_from_coarsest": True})
     assert set(up2_parameters(TINY_CHANNELS, 2)) <= set(backbone.state_dict())
@@ -147,13 +144,13 @@ def test_published_megdata_weights_come_from_the_mirror_only(monkeypatch):
     monkeypatch.delenv("REVCOL_WEIGHTS_URL", raising=False)
     entries = weights.WEIGHTS["revcol_huge"]
     assert weights.DEFAULT_TAGS["revcol_huge"] == "megdata_ft_in1k"
-    for entry in (e for e in entries.values() if not e.is_downstream):  # downstream: test_downstream_weights.py
+    for entry in (e for e in entries.values() if not e.is_downstream):  # downstream: test_published_downstream.py
         assert not entry.in_release
         assert weights_cache.candidate_urls(entry) == [weights_published.MIRROR_BASE + entry.filename]
         assert entry.url == entry.mirror_url
 
 
-# --------------------------------------------------------------------------- compile and export
+# --------------------------------------------------------------------------- compile
 
 
 def test_compiles_without_graph_breaks():
@@ -165,20 +162,3 @@ def test_compiles_without_graph_breaks():
     finally:
         dynamo.reset()
     assert (explanation.graph_count, explanation.graph_break_count) == (1, 0)
-
-
-def test_dynamic_onnx_export_matches_pytorch(tmp_path):
-    onnxruntime = pytest.importorskip("onnxruntime")
-    model = make_huge_like(num_subnet=2).float().eval()
-    path, names = tmp_path / "huge_like.onnx", ["c0", "c1", "c2", "c3"]
-    axes = {"images": {0: "batch", 2: "height", 3: "width"}} | {n: {0: "batch", 2: f"h{n}", 3: f"w{n}"} for n in names}
-    x = make_input(1, 64, 64, dtype=torch.float32)
-    torch.onnx.export(
-        model, (x,), str(path), input_names=["images"], output_names=names, dynamic_axes=axes, dynamo=False
-    )
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    x = make_input(2, 96, 64, dtype=torch.float32, seed=3)
-    with torch.no_grad():
-        expected = model(x)
-    for actual, e in zip(session.run(names, {"images": x.numpy()}), expected, strict=True):
-        torch.testing.assert_close(torch.from_numpy(actual), e, rtol=1e-4, atol=1e-4)

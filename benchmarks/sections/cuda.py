@@ -6,31 +6,50 @@ import gc
 import math
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
-from harness import MB, Config, Summary, build, train_step
+
+from benchmarks.harness import MB, Config, build, train_step
+from benchmarks.report import SectionResult, Summary
 
 
-def section_cuda(cfg: Config) -> tuple[list[str], list[Summary]]:
+@dataclass
+class StepStats:
+    """Median seconds of a training step, and peak MB allocated over the steps (NaN off CUDA)."""
+
+    seconds: float
+    peak_mb: float
+
+
+@dataclass
+class DeviceSteps:
+    """``device_steps``' table, and its numbers by (mode, precision)."""
+
+    lines: list[str]
+    results: dict[tuple[str, str], StepStats]
+
+
+def section_cuda(cfg: Config) -> SectionResult:
     if not torch.cuda.is_available():
-        return ["CUDA: skipped (no GPU available)."], []
-    lines, results = device_steps(cfg, torch.device("cuda"))
+        return SectionResult(["CUDA: skipped (no GPU available)."])
+    steps = device_steps(cfg, torch.device("cuda"))
     summaries = []
     for precision in ("fp32", "fp16 autocast"):
-        plain, rev = results.get(("plain", precision)), results.get(("rev", precision))
+        plain, rev = steps.results.get(("plain", precision)), steps.results.get(("rev", precision))
         if plain and rev:
             summaries.append(
                 Summary(
                     f"CUDA {cfg.cuda_size}x{cfg.cuda_size} batch {cfg.cuda_batch} {precision}: rev / plain (info)",
                     "-",
-                    f"time {rev[0] / plain[0]:.2f}x, peak memory {rev[1] / plain[1]:.2f}x",
+                    f"time {rev.seconds / plain.seconds:.2f}x, peak memory {rev.peak_mb / plain.peak_mb:.2f}x",
                     None,
                 )
             )
-    return lines, summaries
+    return SectionResult(steps.lines, summaries)
 
 
-def device_steps(cfg: Config, device: torch.device) -> tuple[list[str], dict[tuple[str, str], tuple[float, float]]]:
+def device_steps(cfg: Config, device: torch.device) -> DeviceSteps:
     """Training-step time and peak memory, plain vs reversible, fp32 and under autocast, on ``device``.
 
     Meant for CUDA (fp16 autocast, ``torch.cuda.max_memory_allocated``); on the CPU (the smoke test runs it
@@ -47,7 +66,7 @@ def device_steps(cfg: Config, device: torch.device) -> tuple[list[str], dict[tup
         "| mode | precision | step s | peak MB |",
         "|---|---|---|---|",
     ]
-    results: dict[tuple[str, str], tuple[float, float]] = {}
+    results: dict[tuple[str, str], StepStats] = {}
 
     def sync() -> None:
         if cuda:
@@ -76,7 +95,7 @@ def device_steps(cfg: Config, device: torch.device) -> tuple[list[str], dict[tup
                     sync()
                     times.append(time.perf_counter() - start)
                 peak = torch.cuda.max_memory_allocated(device) / MB if cuda else math.nan
-                results[mode, precision] = (statistics.median(times), peak)
+                results[mode, precision] = StepStats(statistics.median(times), peak)
                 peak_cell = f"{peak:.0f}" if cuda else "n/a"
                 lines.append(f"| {mode} | {precision} | {statistics.median(times):.3f} | {peak_cell} |")
             except torch.cuda.OutOfMemoryError:
@@ -85,4 +104,4 @@ def device_steps(cfg: Config, device: torch.device) -> tuple[list[str], dict[tup
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()
-    return lines, results
+    return DeviceSteps(lines, results)

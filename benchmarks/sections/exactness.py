@@ -5,10 +5,13 @@ from __future__ import annotations
 import gc
 
 import torch
-from harness import Config, Summary, build, gradients, layer_scale_, rel_err
+
+from benchmarks.harness import GOALS, Config, build, gradients, layer_scale_
+from benchmarks.report import SectionResult, Summary
+from revcol.diagnostics import relative_error
 
 
-def section_exactness(cfg: Config) -> tuple[list[str], list[Summary]]:
+def section_exactness(cfg: Config) -> SectionResult:
     lines = [
         "Relative gradient error per tensor, reversible vs plain autograd (same seed, drop-path on, "
         "layer scale 0.1), max over all parameters and the input:",
@@ -29,10 +32,10 @@ def section_exactness(cfg: Config) -> tuple[list[str], list[Summary]]:
             x = torch.randn(cfg.batch, 3, size, size, dtype=dtype)
             ref = gradients(model, x, "plain")
             rev = gradients(model, x, "rev")
-            err = {name: rel_err(rev[name], ref[name]) for name in ref}
+            err = {name: relative_error(rev[name], ref[name]) for name in ref}
             name = max(err, key=err.get)
             base_rev = gradients(base, x, "rev")
-            base_err = max(rel_err(base_rev[n], ref[n]) for n in ref)
+            base_err = max(relative_error(base_rev[n], ref[n]) for n in ref)
             lines.append(f"| {columns} | {str(dtype)[6:]} | {err[name]:.2e} | `{name}` | {base_err:.2e} |")
             errors[(columns, dtype)] = err[name]
             del model, base
@@ -40,17 +43,20 @@ def section_exactness(cfg: Config) -> tuple[list[str], list[Summary]]:
     e32 = [errors[(c, torch.float32)] for c in cfg.exact_columns]
     e64 = errors[(cfg.exact_columns[0], torch.float64)]
     cols = "/".join(str(c) for c in cfg.exact_columns)
-    return lines, [
-        Summary(
-            f"fp32 grad rel. error, rev vs plain ({cols} columns)",
-            f"<= {cfg.goals['exact']:.0e}",
-            ", ".join(f"{e:.1e}" for e in e32),
-            max(e32) <= cfg.goals["exact"],
-        ),
-        Summary(
-            "fp64 grad rel. error, rev vs plain",
-            f"<= {cfg.goals['exact64']:.0e}",
-            f"{e64:.1e}",
-            e64 <= cfg.goals["exact64"],
-        ),
-    ]
+    return SectionResult(
+        lines,
+        [
+            Summary(
+                f"fp32 grad rel. error, rev vs plain ({cols} columns)",
+                f"<= {GOALS['exact']:.0e}",
+                ", ".join(f"{e:.1e}" for e in e32),
+                max(e32) <= GOALS["exact"],
+            ),
+            Summary(
+                "fp64 grad rel. error, rev vs plain",
+                f"<= {GOALS['exact64']:.0e}",
+                f"{e64:.1e}",
+                e64 <= GOALS["exact64"],
+            ),
+        ],
+    )

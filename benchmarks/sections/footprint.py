@@ -8,7 +8,7 @@ Two comparisons, each timed interleaved in this process, with the bytes a traini
   at 640 px; both are built from YAML, with no weights.
 
 "Kept for backward" is what ``saved_tensors_hooks`` see, deduplicated by storage, parameters excluded
-(``harness.SavedTensors``). On CUDA the section also reports the peak of ``torch.cuda.max_memory_allocated``
+(``harness.StepRecorder``). On CUDA the section also reports the peak of ``torch.cuda.max_memory_allocated``
 over a step (parameters, gradients and workspace included) and images/s; on the CPU no peak is measurable.
 """
 
@@ -18,23 +18,25 @@ import contextlib
 import functools
 import gc
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import timm
 import torch
-from harness import MB, Config, SavedTensors, Summary, interleaved
 from ultralytics.nn import tasks
 
-import revcol  # noqa: F401  (registers the timm models and the YAML backbone)
+import revcol
+from benchmarks.harness import MB, Config, StepRecorder, interleaved
+from benchmarks.report import SectionResult, Summary
 
 DETECTION_YAMLS = {"RT-DETR RevCol-S": "rtdetr-revcol.yaml", "RT-DETR ResNet-50": "rtdetr-resnet50.yaml"}
 
 
-def _recording(recorder: SavedTensors | None) -> contextlib.AbstractContextManager:
+def _recording(recorder: StepRecorder | None) -> contextlib.AbstractContextManager:
     return recorder.recording() if recorder is not None else contextlib.nullcontext()
 
 
 def _classifier_step(
-    model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, recorder: SavedTensors | None = None
+    model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, recorder: StepRecorder | None = None
 ) -> torch.Tensor:
     """One training step; ``recorder`` sees what forward and loss keep (backward's own recompute is not kept)."""
     model.zero_grad(set_to_none=True)
@@ -63,7 +65,7 @@ def _detector(yaml: str) -> tasks.RTDETRDetectionModel:
 
 
 def _detection_step(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], recorder: SavedTensors | None = None
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], recorder: StepRecorder | None = None
 ) -> torch.Tensor:
     model.zero_grad(set_to_none=True)
     with _recording(recorder):
@@ -74,7 +76,7 @@ def _detection_step(
 
 def _kept_mb(model: torch.nn.Module, step: Callable[..., object]) -> float:
     """MB that one step's forward and loss keep for backward (parameters excluded)."""
-    recorder = SavedTensors(model)
+    recorder = StepRecorder(model)
     step(recorder=recorder)
     return recorder.activation_bytes / MB
 
@@ -89,9 +91,9 @@ def _peak_mb(step: Callable[[], object], device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / MB
 
 
-def _timed(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
+def _timed(fns: dict[str, Callable[[], object]], repeats: int, warmup: int, device: torch.device) -> dict[str, float]:
     if device.type != "cuda":
-        return interleaved(fns, repeats)
+        return interleaved(fns, repeats, warmup)
 
     def synced(fn: Callable[[], object]) -> Callable[[], object]:
         def run() -> None:
@@ -100,15 +102,38 @@ def _timed(fns: dict[str, Callable[[], object]], repeats: int, device: torch.dev
 
         return run
 
-    return interleaved({name: synced(fn) for name, fn in fns.items()}, repeats)
+    return interleaved({name: synced(fn) for name, fn in fns.items()}, repeats, warmup)
 
 
-def _table(
-    title: str,
-    rows: dict[str, dict[str, float | None]],
-    reference: str,
-    batch: int,
-) -> list[str]:
+@dataclass
+class Row:
+    """One model of a comparison: parameters (M), MB kept for backward, peak MB (CUDA only), median step seconds."""
+
+    params: float
+    kept: float
+    peak: float | None
+    time: float = 0.0
+
+
+def _measure(
+    models: dict[str, torch.nn.Module],
+    steps: dict[str, Callable[..., object]],
+    repeats: int,
+    warmup: int,
+    device: torch.device,
+) -> dict[str, Row]:
+    """Each model's row: one recorded step, one peak-measured step, then all steps timed interleaved."""
+    rows = {
+        name: Row(sum(p.numel() for p in models[name].parameters()) / 1e6, _kept_mb(models[name], step),
+                  _peak_mb(step, device))
+        for name, step in steps.items()
+    }  # fmt: skip
+    for name, seconds in _timed(steps, repeats, warmup, device).items():
+        rows[name].time = seconds
+    return rows
+
+
+def _table(title: str, rows: dict[str, Row], reference: str, batch: int) -> list[str]:
     lines = [
         title,
         "",
@@ -117,19 +142,26 @@ def _table(
     ]
     ref = rows[reference]
     for name, row in rows.items():
-        peak = "n/a (CPU)" if row["peak"] is None else f"{row['peak']:.0f}"
+        peak = "n/a (CPU)" if row.peak is None else f"{row.peak:.0f}"
         lines.append(
-            f"| {name} | {row['params']:.1f} | {row['time']:.3f} | {row['time'] / ref['time']:.2f}x "
-            f"| {row['kept']:.0f} | {row['kept'] / ref['kept']:.2f}x | {peak} | {batch / row['time']:.3g} |"
+            f"| {name} | {row.params:.1f} | {row.time:.3f} | {row.time / ref.time:.2f}x "
+            f"| {row.kept:.0f} | {row.kept / ref.kept:.2f}x | {peak} | {batch / row.time:.3g} |"
         )
     return lines
 
 
-def section_footprint(cfg: Config) -> tuple[list[str], list[Summary]]:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    summaries: list[Summary] = []
+def _versus(metric: str, rev: Row, plain: Row, ref: Row) -> Summary:
+    """The information row of a comparison: RevCol reversible (and plain) against the reference model."""
+    return Summary(
+        metric,
+        "-",
+        f"{rev.kept:.0f} vs {ref.kept:.0f} MB ({rev.kept / ref.kept:.2f}x), {rev.time / ref.time:.2f}x time; "
+        f"plain {plain.kept:.0f} MB, {plain.time / ref.time:.2f}x",
+        None,
+    )
 
-    # --- classifiers
+
+def _classifiers(cfg: Config, device: torch.device) -> SectionResult:
     size, batch = cfg.footprint_size, cfg.footprint_batch
     torch.manual_seed(0)
     classifiers = {
@@ -144,16 +176,7 @@ def section_footprint(cfg: Config) -> tuple[list[str], list[Summary]]:
     for name, model in classifiers.items():
         model.to(device).train()
         steps[name] = functools.partial(_classifier_step, model, x, labels)
-    rows = {
-        name: {
-            "params": sum(p.numel() for p in classifiers[name].parameters()) / 1e6,
-            "kept": _kept_mb(classifiers[name], step),
-            "peak": _peak_mb(step, device),
-        }
-        for name, step in steps.items()
-    }
-    for name, t in _timed(steps, cfg.repeats, device).items():
-        rows[name]["time"] = t
+    rows = _measure(classifiers, steps, cfg.repeats, cfg.warmup, device)
     reference = "convnext_tiny (timm)"
     lines = _table(
         f"Classifier training step (cross-entropy, forward + backward), {size}x{size}, batch {batch}, "
@@ -162,66 +185,45 @@ def section_footprint(cfg: Config) -> tuple[list[str], list[Summary]]:
         reference,
         batch,
     )
-    rev, plain, ref = rows["revcol_tiny reversible"], rows["revcol_tiny plain"], rows[reference]
-    summaries.append(
-        Summary(
-            f"revcol_tiny rev vs convnext_tiny, {size}px batch {batch}: kept MB, step time (info)",
-            "-",
-            f"{rev['kept']:.0f} vs {ref['kept']:.0f} MB ({rev['kept'] / ref['kept']:.2f}x), "
-            f"{rev['time'] / ref['time']:.2f}x time; plain {plain['kept']:.0f} MB, {plain['time'] / ref['time']:.2f}x",
-            None,
-        )
-    )
-    del classifiers, steps
-    gc.collect()
+    metric = f"revcol_tiny rev vs convnext_tiny, {size}px batch {batch}: kept MB, step time (info)"
+    return SectionResult(lines, [_versus(metric, rows["revcol_tiny reversible"], rows["revcol_tiny plain"],
+                                         rows[reference])])  # fmt: skip
 
-    # --- RT-DETR
-    size, batch = cfg.detect_size, cfg.detect_batch
+
+def _detectors(cfg: Config, device: torch.device) -> SectionResult:
+    size, batch, repeats = cfg.detect_size, cfg.detect_batch, cfg.detect_repeats
     data = _detection_batch(size, batch, device)
     torch.manual_seed(0)
-    detectors = {}
-    for name, yaml in DETECTION_YAMLS.items():
-        detectors[name] = _detector(yaml).to(device).train()
+    built = {name: _detector(yaml).to(device).train() for name, yaml in DETECTION_YAMLS.items()}
     plain = _detector(DETECTION_YAMLS["RT-DETR RevCol-S"])
-    plain.load_state_dict(detectors["RT-DETR RevCol-S"].state_dict())
+    plain.load_state_dict(built["RT-DETR RevCol-S"].state_dict())
     plain.model[0].save_memory = False
     detectors = {
-        "RT-DETR RevCol-S reversible": detectors["RT-DETR RevCol-S"],
+        "RT-DETR RevCol-S reversible": built["RT-DETR RevCol-S"],
         "RT-DETR RevCol-S plain": plain.to(device).train(),
-        "RT-DETR ResNet-50": detectors["RT-DETR ResNet-50"],
+        "RT-DETR ResNet-50": built["RT-DETR ResNet-50"],
     }
     steps = {name: functools.partial(_detection_step, model, data) for name, model in detectors.items()}
-    rows = {}
-    for name, step in steps.items():
-        rows[name] = {
-            "params": sum(p.numel() for p in detectors[name].parameters()) / 1e6,
-            "kept": _kept_mb(detectors[name], step),
-            "peak": _peak_mb(step, device),
-        }
-    repeats = cfg.detect_repeats
-    for name, t in _timed(steps, repeats, device).items():
-        rows[name]["time"] = t
+    rows = _measure(detectors, steps, repeats, cfg.warmup, device)
     reference = "RT-DETR ResNet-50"
-    lines += [
-        "",
-        *_table(
-            f"RT-DETR training step (forward, loss with denoising queries, backward; three boxes per image), "
-            f"{size}x{size}, batch {batch}, {device.type}, built from YAML without weights; median of {repeats}, "
-            "interleaved:",
-            rows,
-            reference,
-            batch,
-        ),
-    ]
-    rev, plain_row, ref = rows["RT-DETR RevCol-S reversible"], rows["RT-DETR RevCol-S plain"], rows[reference]
-    summaries.append(
-        Summary(
-            f"RT-DETR RevCol-S rev vs ResNet-50, {size}px batch {batch}: kept MB, step time (info)",
-            "-",
-            f"{rev['kept']:.0f} vs {ref['kept']:.0f} MB ({rev['kept'] / ref['kept']:.2f}x), "
-            f"{rev['time'] / ref['time']:.2f}x time; plain {plain_row['kept']:.0f} MB, "
-            f"{plain_row['time'] / ref['time']:.2f}x",
-            None,
-        )
+    lines = _table(
+        f"RT-DETR training step (forward, loss with denoising queries, backward; three boxes per image), "
+        f"{size}x{size}, batch {batch}, {device.type}, built from YAML without weights; median of {repeats}, "
+        "interleaved:",
+        rows,
+        reference,
+        batch,
     )
-    return lines, summaries
+    metric = f"RT-DETR RevCol-S rev vs ResNet-50, {size}px batch {batch}: kept MB, step time (info)"
+    return SectionResult(lines, [_versus(metric, rows["RT-DETR RevCol-S reversible"], rows["RT-DETR RevCol-S plain"],
+                                         rows[reference])])  # fmt: skip
+
+
+def section_footprint(cfg: Config) -> SectionResult:
+    if not revcol.is_registered():  # importing revcol registers the YAML backbone and the timm models
+        revcol.register()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    classifiers = _classifiers(cfg, device)
+    gc.collect()
+    detectors = _detectors(cfg, device)
+    return SectionResult([*classifiers.lines, "", *detectors.lines], classifiers.summaries + detectors.summaries)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import gc
 
 import torch
-from harness import MB, Config, SavedTensors, Summary, build, saved_mb, train_step
+
+from benchmarks.harness import MB, Config, StepRecorder, build, saved_mb, train_step
+from benchmarks.report import MemoryResult, Summary
 
 
-def section_memory(cfg: Config) -> tuple[list[str], list[Summary], dict]:
+def section_memory(cfg: Config) -> MemoryResult:
     x = torch.randn(cfg.batch, 3, cfg.size, cfg.size)
     lines = [
         f"MB of tensors saved for backward by one training step ({cfg.name}, {cfg.size}x{cfg.size}, batch "
@@ -45,7 +47,7 @@ def section_memory(cfg: Config) -> tuple[list[str], list[Summary], dict]:
     model = build(cfg)
     saved, alive = [], []
     for _ in range(cfg.leak_steps):
-        recorder = SavedTensors(model, keep=x)
+        recorder = StepRecorder(model, keep=x)
         train_step(model, x, "rev", recorder)
         gc.collect()
         saved.append(recorder.activation_bytes / MB)
@@ -66,4 +68,4 @@ def section_memory(cfg: Config) -> tuple[list[str], list[Summary], dict]:
             flat,
         )
     )
-    return lines, summaries, data
+    return MemoryResult(lines, summaries, data)

@@ -6,13 +6,15 @@ import functools
 import gc
 
 import torch
-from harness import Config, Summary, build, interleaved, saved_mb, train_step
+
+from benchmarks.harness import Config, build, interleaved, saved_mb, train_step
+from benchmarks.report import MODES, ScalingPoint, ScalingResult
 
 
-def section_scaling(cfg: Config) -> tuple[list[str], list[Summary], dict]:
-    modes = ("plain", "ckpt", "rev")
-    data: dict[str, dict] = {"size": {}, "columns": {}}
-    lines = [
+def section_scaling(cfg: Config) -> ScalingResult:
+    modes = MODES
+    result = ScalingResult([])
+    result.lines += [
         f"Training step time (s) and saved MB (activations) vs input size ({cfg.columns} columns) and vs columns "
         f"({cfg.size}x{cfg.size}); batch {cfg.scale_batch}, median of {cfg.scale_repeats}:",
         "",
@@ -29,9 +31,10 @@ def section_scaling(cfg: Config) -> tuple[list[str], list[Summary], dict]:
         t = interleaved(
             {mode: functools.partial(train_step, model, x, mode) for mode in modes}, cfg.scale_repeats, warmup=0
         )
-        data[axis][key] = {"time": t, "mem": mem}
+        points = result.by_size if axis == "size" else result.by_columns
+        points[key] = ScalingPoint(t, mem)
         label = f"{size}x{size}" if axis == "size" else f"{columns} columns"
-        lines.append(
+        result.lines.append(
             f"| {label} | "
             + " | ".join(f"{t[m]:.3f}" for m in modes)
             + " | "
@@ -40,4 +43,4 @@ def section_scaling(cfg: Config) -> tuple[list[str], list[Summary], dict]:
         )
         del model
         gc.collect()
-    return lines, [], data
+    return result

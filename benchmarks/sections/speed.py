@@ -6,31 +6,22 @@ import functools
 import statistics
 
 import torch
-from baseline import BaselineFullNet
-from harness import (
-    Config,
-    Summary,
-    build,
-    eval_models,
-    fmt_ratio,
-    interleaved,
-    max_rel_err,
-    no_grad_forward,
-    train_step,
-)
 
+from benchmarks.baseline import BaselineFullNet
+from benchmarks.harness import GOALS, Config, build, eval_models, interleaved, max_rel_err, no_grad_forward, train_step
+from benchmarks.report import SectionResult, Summary, fmt_ratio
 from revcol import FullNet
 
 
-def section_construction(cfg: Config) -> tuple[list[str], list[Summary]]:
+def section_construction(cfg: Config) -> SectionResult:
     def ours():
         FullNet(cfg.channels, cfg.layers, cfg.columns, drop_path=cfg.drop_path)
 
     def base():
         BaselineFullNet(cfg.channels, cfg.layers, cfg.columns, drop_path=cfg.drop_path)
 
-    t = interleaved({"ours": ours, "baseline": base}, cfg.repeats if cfg.smoke else max(cfg.repeats, 5))
-    goal = cfg.goals["construct_vs_baseline"]
+    t = interleaved({"ours": ours, "baseline": base}, cfg.repeats if cfg.smoke else max(cfg.repeats, 5), cfg.warmup)
+    goal = GOALS["construct_vs_baseline"]
     ratio = t["baseline"] / t["ours"]
     lines = [
         "| build (no forward) | median s |",
@@ -38,17 +29,20 @@ def section_construction(cfg: Config) -> tuple[list[str], list[Summary]]:
         f"| ours | {t['ours']:.3f} |",
         f"| baseline (default module init + trunc_normal_) | {t['baseline']:.3f} |",
     ]
-    return lines, [
-        Summary(
-            f"construction ({cfg.name}, {cfg.columns} columns): baseline / ours",
-            f">= {goal}x",
-            f"{fmt_ratio(ratio)} ({t['ours']:.3f} s vs {t['baseline']:.3f} s)",
-            ratio >= goal,
-        )
-    ]
+    return SectionResult(
+        lines,
+        [
+            Summary(
+                f"construction ({cfg.name}, {cfg.columns} columns): baseline / ours",
+                f">= {goal}x",
+                f"{fmt_ratio(ratio)} ({t['ours']:.3f} s vs {t['baseline']:.3f} s)",
+                ratio >= goal,
+            )
+        ],
+    )
 
 
-def section_train(cfg: Config) -> tuple[list[str], list[Summary]]:
+def section_train(cfg: Config) -> SectionResult:
     x = torch.randn(cfg.batch, 3, cfg.size, cfg.size)
     ours = build(cfg)
     base = build(cfg, "baseline")
@@ -62,7 +56,7 @@ def section_train(cfg: Config) -> tuple[list[str], list[Summary]]:
         "baseline plain": lambda: train_step(base, x, "plain"),
     }
     fastest: dict[str, float] = {}
-    t = interleaved(fns, cfg.repeats, minima=fastest)
+    t = interleaved(fns, cfg.repeats, cfg.warmup, minima=fastest)
     speedup = t["baseline rev"] / t["ours rev"]
     overhead = t["ours rev"] / t["ours plain"]
     fwd = {name: statistics.median(f for f, _ in values) for name, values in splits.items()}
@@ -87,8 +81,8 @@ def section_train(cfg: Config) -> tuple[list[str], list[Summary]]:
         f"{bwd['ours rev']:.3f} s. A reversible step computes every column's forward twice, so "
         f"rev / plain >= (F_rev + F_plain + B_plain) / (F_plain + B_plain) = {bound:.2f}x on these numbers.",
     ]
-    goal = cfg.goals["train_vs_baseline"]
-    return lines, [
+    goal = GOALS["train_vs_baseline"]
+    summaries = [
         Summary(
             "train step: baseline rev / ours rev",
             f">= {goal}x",
@@ -104,9 +98,10 @@ def section_train(cfg: Config) -> tuple[list[str], list[Summary]]:
         ),
         Summary("train step: ours ckpt / ours plain (info)", "-", fmt_ratio(t["ours ckpt"] / t["ours plain"]), None),
     ]
+    return SectionResult(lines, summaries)
 
 
-def section_eval(cfg: Config) -> tuple[list[str], list[Summary]]:
+def section_eval(cfg: Config) -> SectionResult:
     ours, base = eval_models(cfg)
     compiled = "ours torch.compile" if cfg.compile_eval else None
     lines = [
@@ -124,7 +119,7 @@ def section_eval(cfg: Config) -> tuple[list[str], list[Summary]]:
         + (" torch.compile s | compiled speed-up | compiled output difference |" if compiled else ""),
         "|---|---|---|---|---|---|" + ("---|---|---|" if compiled else ""),
     ]
-    goal, match = cfg.goals["eval_vs_baseline"], cfg.goals["eval_match"]
+    goal, match = GOALS["eval_vs_baseline"], GOALS["eval_match"]
     summaries = []
     for size in cfg.eval_sizes:
         x = torch.randn(1, 3, size, size)
@@ -144,7 +139,7 @@ def section_eval(cfg: Config) -> tuple[list[str], list[Summary]]:
                 fns.pop(compiled, None)
                 tail = f" compile failed: {type(error).__name__} | - | - |"
         fastest: dict[str, float] = {}
-        t = interleaved(fns, cfg.repeats, minima=fastest)
+        t = interleaved(fns, cfg.repeats, cfg.warmup, minima=fastest)
         if compiled in t:
             tail = f" {t[compiled]:.3f} | {t['baseline'] / t[compiled]:.2f}x | {compiled_diff:.1e} |"
         speedup = t["baseline"] / t["ours"]
@@ -161,4 +156,4 @@ def section_eval(cfg: Config) -> tuple[list[str], list[Summary]]:
             )
         )
     torch._dynamo.reset()
-    return lines, summaries
+    return SectionResult(lines, summaries)

@@ -6,23 +6,25 @@ import functools
 from collections.abc import Callable
 
 import torch
-from harness import Config, Summary, eval_models, no_grad_forward, train_step
 
+from benchmarks.harness import Config, eval_models, no_grad_forward, train_step
+from benchmarks.report import SectionResult, Summary
 from revcol import FullNet
 
 MATMUL_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul")
 
 
-def section_compile(cfg: Config) -> tuple[list[str], list[Summary]]:
+def section_compile(cfg: Config) -> SectionResult:
     tiny = FullNet((8, 16, 24, 32), (1, 1, 1, 1), 2).eval()
     x = torch.randn(1, 3, 64, 64)
     try:
         with torch.no_grad():  # the inference path, the one a compiled eval model runs
             explanation = torch._dynamo.explain(tiny)(x)
     except Exception as error:  # report, do not fail the benchmark
-        return [f"torch._dynamo.explain failed: {type(error).__name__}: {error}"], [
-            Summary("torch.compile: eval graph breaks", "0", "explain failed", False)
-        ]
+        return SectionResult(
+            [f"torch._dynamo.explain failed: {type(error).__name__}: {error}"],
+            [Summary("torch.compile: eval graph breaks", "0", "explain failed", False)],
+        )
     finally:
         torch._dynamo.reset()
     reasons = sorted({str(getattr(b, "reason", b)).splitlines()[0] for b in explanation.break_reasons})
@@ -30,14 +32,17 @@ def section_compile(cfg: Config) -> tuple[list[str], list[Summary]]:
         f"`torch._dynamo.explain` on a tiny eval model: {explanation.graph_count} graph(s), "
         f"{explanation.graph_break_count} graph break(s)." + ("" if not reasons else " Reasons: " + "; ".join(reasons))
     ]
-    return lines, [
-        Summary(
-            "torch.compile: eval graph breaks (tiny config)",
-            "0",
-            str(explanation.graph_break_count),
-            explanation.graph_break_count == 0,
-        )
-    ]
+    return SectionResult(
+        lines,
+        [
+            Summary(
+                "torch.compile: eval graph breaks (tiny config)",
+                "0",
+                str(explanation.graph_break_count),
+                explanation.graph_break_count == 0,
+            )
+        ],
+    )
 
 
 def matmul_share(fn: Callable[[], object]) -> float:
@@ -50,7 +55,7 @@ def matmul_share(fn: Callable[[], object]) -> float:
     return sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS) / total
 
 
-def section_profile(cfg: Config) -> tuple[list[str], list[Summary]]:
+def section_profile(cfg: Config) -> SectionResult:
     ours, base = eval_models(cfg)
     x_train = torch.randn(cfg.batch, 3, cfg.size, cfg.size)
     x_eval = torch.randn(1, 3, cfg.size, cfg.size)
@@ -68,4 +73,4 @@ def section_profile(cfg: Config) -> tuple[list[str], list[Summary]]:
     ]
     for name, make in rows:
         lines.append(f"| {name} | {matmul_share(make(ours)):.0%} | {matmul_share(make(base)):.0%} |")
-    return lines, []
+    return SectionResult(lines)

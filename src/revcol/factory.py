@@ -1,10 +1,16 @@
-"""The six ImageNet configurations of the paper (``docs/design.md``, section "Variants"), declared as data."""
+"""One builder per variant of ``revcol.core.variants.VARIANTS``; each docstring is written from that table."""
 
 from __future__ import annotations
 
-from revcol.core.network import FullNet
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from revcol.core.network import FullNet, parameter_count
 from revcol.core.variants import get_variant
-from revcol.weights.pretrained import Pretrained, load_weights, pretrained_kernel_size
+from revcol.weights.pretrained import Pretrained, choose_pretrained, load_chosen
+
+DEFAULT_KERNEL_SIZE: int = inspect.signature(FullNet).parameters["kernel_size"].default  # what a variant builds with
 
 
 def build_variant(
@@ -17,43 +23,44 @@ def build_variant(
 ) -> FullNet:
     """Build variant ``name``; ``drop_path=None`` uses the paper's rate; ``pretrained`` as in ``load_weights``.
 
-    ``kernel_size=None``: 3, or what the published file that ``pretrained`` names was trained with.
+    ``kernel_size=None``: ``FullNet``'s default, or what the published file that ``pretrained`` names was trained
+    with.
     """
     spec = get_variant(name)
-    kernel_size = pretrained_kernel_size(name, pretrained, kernel_size)  # before building: no model for nothing
-    model = FullNet(**spec.fullnet_kwargs(drop_path=drop_path, kernel_size=kernel_size, save_memory=save_memory))
-    load_weights(model, name, pretrained)
+    choice = choose_pretrained(name, pretrained, kernel_size)  # before building: no model for weights that don't exist
+    model = FullNet(**spec.fullnet_kwargs(drop_path=drop_path, kernel_size=choice.kernel_size, save_memory=save_memory))
+    load_chosen(model, choice)
     return model
 
 
-def revcol_tiny(**kwargs) -> FullNet:
-    """RevCol-T: C 64-512, D 2-2-4-2, 4 columns (29.9 M params). Keywords as ``build_variant``."""
-    return build_variant("revcol_tiny", **kwargs)
+def variant_summary(name: str) -> str:
+    """One line on variant ``name``: channels, depths, columns, drop-path rate, wiring and backbone parameters."""
+    spec = get_variant(name)
+    config = (spec.channels, spec.layers, spec.num_subnet, DEFAULT_KERNEL_SIZE, spec.level0_from_coarsest)
+    params = parameter_count(*config)
+    wiring = ", level 0 also reads level 3" if spec.level0_from_coarsest else ""
+    return (
+        f"channels {'-'.join(map(str, spec.channels))}, depths {'-'.join(map(str, spec.layers))}, "
+        f"{spec.num_subnet} columns, drop path {spec.drop_path:g}{wiring}; {params / 1e6:.1f} M parameters"
+    )
 
 
-def revcol_small(**kwargs) -> FullNet:
-    """RevCol-S: C 64-512, D 2-2-4-2, 8 columns (60.1 M params). Keywords as ``build_variant``."""
-    return build_variant("revcol_small", **kwargs)
+def _builder(name: str) -> Callable[..., FullNet]:
+    """The public builder of variant ``name``: a real function, named after it, documented from the table."""
+
+    def builder(**kwargs: Any) -> FullNet:
+        return build_variant(name, **kwargs)
+
+    builder.__name__ = builder.__qualname__ = name
+    builder.__module__ = __name__
+    builder.__doc__ = f"RevCol ``{name}``: {variant_summary(name)}.\n\nKeywords as ``build_variant``."
+    return builder
 
 
-def revcol_base(**kwargs) -> FullNet:
-    """RevCol-B: C 72-576, D 1-1-3-2, 16 columns (138.0 M params). Keywords as ``build_variant``."""
-    return build_variant("revcol_base", **kwargs)
-
-
-def revcol_large(**kwargs) -> FullNet:
-    """RevCol-L: C 128-1024, D 1-2-6-2, 8 columns (272.1 M params). Keywords as ``build_variant``."""
-    return build_variant("revcol_large", **kwargs)
-
-
-def revcol_xlarge(**kwargs) -> FullNet:
-    """RevCol-XL: C 224-1792, D 1-2-6-2, 8 columns (832.0 M params). Keywords as ``build_variant``."""
-    return build_variant("revcol_xlarge", **kwargs)
-
-
-def revcol_huge(**kwargs) -> FullNet:
-    """RevCol-H: C 360-2880, D 1-2-6-2, 8 columns, level 0 also reads level 3 (2154.7 M params).
-
-    Keywords as ``build_variant``.
-    """
-    return build_variant("revcol_huge", **kwargs)
+# Spelled out, not looped into globals(), so that imports, pickles and type checkers see each name.
+revcol_tiny = _builder("revcol_tiny")
+revcol_small = _builder("revcol_small")
+revcol_base = _builder("revcol_base")
+revcol_large = _builder("revcol_large")
+revcol_xlarge = _builder("revcol_xlarge")
+revcol_huge = _builder("revcol_huge")

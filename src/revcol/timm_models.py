@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -23,13 +23,13 @@ from timm.models._features import feature_take_indices
 from torch import nn
 
 from revcol import weights
-from revcol.checkpoints.backbone import LoadResult, load_backbone_state, read_backbone
+from revcol.checkpoints.backbone import HeadRule, LoadResult, load_pretrained
 from revcol.core import param_groups
 from revcol.core.blocks import NORM_EPS
 from revcol.core.network import FullNet
 from revcol.core.variants import VARIANTS, get_variant
 from revcol.errors import CheckpointError, ConfigError
-from revcol.weights.pretrained import pretrained_kernel_size
+from revcol.weights.pretrained import PretrainedChoice, choose_pretrained, load_chosen
 
 POOL_TYPES = ("avg", "max", "avgmax", "")  # pooled width must stay C3: the norm's shape is fixed by the checkpoints
 FEATURE_CLASSES = ("getter", "hook")
@@ -190,42 +190,38 @@ class RevColClassifier(FullNet):
         return partial(param_groups.layer_id, layers=self.layers, num_subnet=self.num_subnet)
 
     def no_weight_decay(self) -> set[str]:
-        """The column alphas, which are 4-D, so timm's rule for 1-D tensors (norms, gammas, biases) misses them."""
-        return {f"subnet{i}.alpha{level}" for i in range(self.num_subnet) for level in range(len(self.channels))}
-
-
-def _backbone_view(model: RevColClassifier) -> nn.Module:
-    """A module holding the model's own stem and columns (shared, not copied), so backbone loading stays strict."""
-    view = nn.Module()
-    for name, module in model.named_children():
-        if name != "cls":
-            view.add_module(name, module)
-    return view
+        """The parameters RevCol keeps out of weight decay (``param_groups.exempt_from_weight_decay``, the rule the
+        Ultralytics trainers follow too): column alphas and layer-scale gammas. timm's own rule for 1-D tensors
+        (norms, biases) already covers the gammas, not the 4-D alphas."""
+        return {name for name, _ in self.named_parameters() if param_groups.exempt_from_weight_decay(name)}
 
 
 def load_classifier_weights(model: RevColClassifier, path: str | os.PathLike) -> LoadResult:
     """Load an authors' (or our) classifier file: the backbone strictly, then the head.
 
-    The head is ``cls.*``, or, in files trained with intermediate supervision, the last of the heads
-    ``cls_blocks.3.*``. Its Linear is loaded only if its class count is the model's (timm's rule: another
-    ``num_classes`` means a new classifier); a file without any head leaves the head as initialised.
+    ``revcol.load_pretrained`` with the classifier's ``HeadRule``: the same reading and backbone check, and
+    nothing is copied unless the head fits too. The head is ``cls.*``, or, in files trained with intermediate
+    supervision, the last of the heads ``cls_blocks.3.*``. Its Linear is loaded only if its class count is the
+    model's (timm's rule: another ``num_classes`` means a new classifier); a file without any head leaves the head
+    as initialised. The timm models' ``pretrained=True`` loads through this function.
     """
-    state = read_backbone(path)
-    result = load_backbone_state(_backbone_view(model), state, path)
+    return load_pretrained(model, path, HeadRule(HEAD_PREFIX, partial(_classifier_head, model.num_features)))
+
+
+def _classifier_head(
+    channels: int, state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], path: str | os.PathLike
+) -> dict[str, str]:
+    """The file's head tensors that fit the model's head ``own`` (a ``channels``-wide ``ClassifierHead``)."""
     prefix = HEAD_PREFIX if any(k.startswith(HEAD_PREFIX) for k in state) else LAST_SUPERVISION_HEAD
     head = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-    own = model.cls.state_dict()
-    usable = {k: v for k, v in head.items() if k in own and own[k].shape == v.shape}
+    usable = [k for k, v in head.items() if k in own and own[k].shape == v.shape]
     norm_keys = [k for k in own if k.startswith("classifier.0.")]
     if head and not all(k in usable for k in norm_keys):
         raise CheckpointError(
-            f"{path}: the head under {prefix!r} does not fit a {model.num_features}-channel RevCol classifier "
+            f"{path}: the head under {prefix!r} does not fit a {channels}-channel RevCol classifier "
             f"(its tensors: {', '.join(f'{k} {tuple(v.shape)}' for k, v in sorted(head.items()))})"
         )
-    model.cls.load_state_dict(usable, strict=False)
-    loaded = result.loaded + [HEAD_PREFIX + k for k in usable]
-    used = {prefix + k for k in usable}
-    return LoadResult(loaded=loaded, skipped=[k for k in result.skipped if k not in used])
+    return {prefix + k: k for k in usable}
 
 
 def _default_cfg(entry: weights.PublishedWeights | None) -> dict[str, Any]:
@@ -262,7 +258,7 @@ def default_cfgs_of(variant: str) -> dict[str, Any]:
     return {f"{variant}.{tag}": _default_cfg(published[tag]) for tag in tags}
 
 
-def _build(variant: str, checkpoint: Path | None, drop_path_rate: float | None = None, **kwargs: Any) -> nn.Module:
+def _build(variant: str, choice: PretrainedChoice, drop_path_rate: float | None = None, **kwargs: Any) -> nn.Module:
     head = {
         k: kwargs.pop(k)
         for k in ("num_classes", "global_pool", "drop_rate", "head_init_scale", "in_chans")
@@ -270,13 +266,16 @@ def _build(variant: str, checkpoint: Path | None, drop_path_rate: float | None =
     }
     drop_path = kwargs.pop("drop_path", drop_path_rate)
     model = RevColClassifier(**head, **get_variant(variant).fullnet_kwargs(drop_path=drop_path, **kwargs))
-    if checkpoint is not None:
-        load_classifier_weights(model, checkpoint)
+    load_chosen(model, choice, load_classifier_weights)
     return model
 
 
 def create(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """The timm entrypoint of every variant; ``pretrained`` loads the config's ``file``, else its tag's download."""
+    """The timm entrypoint of every variant; ``pretrained`` loads the config's ``file``, else its tag's download.
+
+    What that names is decided by ``revcol.weights.pretrained.choose_pretrained`` before building (a published file
+    fixes the kernel size: RevCol-H's k7 files) and loaded by ``load_chosen`` with ``load_classifier_weights``.
+    """
     feature_cls = kwargs.get("feature_cls", "getter")
     if kwargs.get("features_only") and not (isinstance(feature_cls, str) and feature_cls.lower() in FEATURE_CLASSES):
         # timm's list/dict/fx extractors re-run the children one after another or trace them: a column takes
@@ -289,14 +288,14 @@ def create(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
         pretrained_cfg=kwargs.pop("pretrained_cfg", None),
         pretrained_cfg_overlay=kwargs.pop("pretrained_cfg_overlay", None),
     )
-    checkpoint = None
-    if pretrained:
-        if not cfg.file:  # decided before building; the published file fixes the kernel size (RevCol-H's k7 files)
-            kwargs["kernel_size"] = pretrained_kernel_size(variant, cfg.tag or True, kwargs.get("kernel_size"))
-        checkpoint = Path(cfg.file) if cfg.file else weights.resolve(variant, cfg.tag or True)
-    # timm is told pretrained=False: the weights were loaded by _build, before any features_only wrapping.
+    # a file of the config (pretrained_cfg_overlay) is a path, never a tag: a Path object is never looked up
+    named = (Path(cfg.file) if cfg.file else cfg.tag or True) if pretrained else None
+    choice = choose_pretrained(variant, named, kwargs.get("kernel_size"))
+    if choice.kernel_size is not None:
+        kwargs["kernel_size"] = choice.kernel_size
+    # timm is told pretrained=False: the weights are loaded by _build, before any features_only wrapping.
     return build_model_with_cfg(
-        partial(_build, variant, checkpoint),
+        partial(_build, variant, choice),
         variant,
         pretrained=False,
         pretrained_cfg=cfg,

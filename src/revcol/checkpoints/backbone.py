@@ -1,9 +1,15 @@
-"""Loading the authors' ImageNet checkpoints into a RevCol backbone (``docs/design.md``, section "Checkpoints")."""
+"""A RevCol backbone's state in and out of checkpoint files (``docs/design.md``, section "Checkpoints").
+
+Every load goes through one mechanism: read (``read_backbone``), check (``check_backbone_state``, and a ``HeadRule``
+for a part outside the backbone), then one ``load_state_dict``. ``load_pretrained`` is that mechanism;
+``revcol.load_weights`` (a ``pretrained=`` value) and ``revcol.load_classifier_weights`` (a timm classifier, its
+head by a ``HeadRule``) are layers over it.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,8 +19,9 @@ import torch
 from torch import nn
 
 from revcol._atomic import replace_atomically
-from revcol.checkpoints.files import SAFETENSORS_SUFFIX, SHA256_KEY, _first_line, _head, _tensor_digest, read_checkpoint
-from revcol.core.network import FullNet
+from revcol.checkpoints.files import SAFETENSORS_SUFFIX, SHA256_KEY, _tensor_digest, read_checkpoint
+from revcol.checkpoints.messages import describe, listed
+from revcol.core.network import find_backbone
 from revcol.errors import CheckpointError
 
 BACKBONE_PREFIXES = ("stem.", "subnet")
@@ -41,30 +48,56 @@ def read_backbone(path: str | Path, mmap: bool = False) -> dict[str, torch.Tenso
         return state
     if any(k.removeprefix(DETECTOR_PREFIX).startswith(BACKBONE_PREFIXES) for k in state):
         return {k.removeprefix(DETECTOR_PREFIX): v for k, v in state.items()}
-    held = f"its {len(state)} tensors include {_head(sorted(state))}" if state else "its state dict is empty"
+    held = f"its {len(state)} tensors include {listed(sorted(state))}" if state else "its state dict is empty"
     raise CheckpointError(
         f"{path} holds no RevCol backbone tensors: expected keys stem.* and subnet* (or backbone.stem.* and "
         f"backbone.subnet* in a detector checkpoint); {held}"
     )
 
 
-def load_pretrained(model: nn.Module, path: str | Path) -> LoadResult:
-    """Copy a RevCol checkpoint's backbone weights into ``model`` (a ``FullNet``).
+@dataclass(frozen=True)
+class HeadRule:
+    """How a file fills a part of the model that the strict backbone check leaves out (a classifier's head).
 
-    Strict on the backbone: every model tensor must be in the file with the same shape, and the file
-    may hold no backbone tensor the model lacks. Other entries (classification heads such as
-    ``cls.*``, a detector's neck and heads) are skipped. A detector checkpoint's backbone is read from
-    under ``backbone.`` (``read_backbone``). Raises ``CheckpointError`` (a ``ValueError``) saying what did not fit.
+    ``prefix``: that part's keys in the model's state dict (``"cls."``). ``pick(state, own, path)``: from the
+    file's tensors and the part's own state (keys without ``prefix``), the ``{file key: part key}`` pairs to copy;
+    it raises ``CheckpointError`` for a head that does not fit.
     """
-    return load_backbone_state(model, read_backbone(path), path)
+
+    prefix: str
+    pick: Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], str | Path], dict[str, str]]
 
 
-def load_backbone_state(model: nn.Module, state: Mapping[str, torch.Tensor], path: str | Path) -> LoadResult:
-    """``load_pretrained`` of a state dict already read from ``path`` (named in the errors)."""
+def load_pretrained(model: nn.Module, path: str | Path, head: HeadRule | None = None) -> LoadResult:
+    """Copy a RevCol checkpoint's backbone weights into ``model`` (a ``FullNet``): the one loading mechanism.
+
+    Reads the file (``read_backbone``: a detector checkpoint's backbone from under ``backbone.``), then checks and
+    loads it (``load_backbone_state``). Strict on the backbone: every model tensor must be in the file with the
+    same shape, and the file may hold no backbone tensor the model lacks. Other entries (classification heads such
+    as ``cls.*``, a detector's neck and heads) are skipped, unless ``head`` says how one fills a part of ``model``.
+    ``revcol.load_weights`` and ``revcol.load_classifier_weights`` load through this function. Raises
+    ``CheckpointError`` (a ``ValueError``) saying what did not fit; ``model`` is then unchanged.
+    """
+    return load_backbone_state(model, read_backbone(path), path, head)
+
+
+def load_backbone_state(
+    model: nn.Module, state: Mapping[str, torch.Tensor], path: str | Path, head: HeadRule | None = None
+) -> LoadResult:
+    """The check and load of ``load_pretrained``, for a state dict already read from ``path`` (named in the errors).
+
+    Everything is checked before anything is copied, so a file that does not fit leaves ``model`` as it was.
+    """
     own = model.state_dict()
-    check_backbone_state(own, state, path)
-    model.load_state_dict({k: state[k] for k in own}, strict=True)
-    return LoadResult(loaded=list(own), skipped=sorted(k for k in state if k not in own))
+    backbone = {k: v for k, v in own.items() if head is None or not k.startswith(head.prefix)}
+    check_backbone_state(backbone, state, path)
+    picked: dict[str, str] = {}  # file key -> model key, outside the backbone
+    if head is not None:
+        part = {k.removeprefix(head.prefix): v for k, v in own.items() if k.startswith(head.prefix)}
+        picked = {key: head.prefix + name for key, name in head.pick(state, part, path).items()}
+    tensors = {k: state[k] for k in backbone} | {name: state[key] for key, name in picked.items()}
+    model.load_state_dict(tensors, strict=head is None)  # a head may keep some tensors of its own (a new Linear)
+    return LoadResult(loaded=list(tensors), skipped=sorted(k for k in state if k not in backbone and k not in picked))
 
 
 def check_backbone_state(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], path: str | Path) -> None:
@@ -74,8 +107,8 @@ def check_backbone_state(own: Mapping[str, torch.Tensor], state: Mapping[str, to
     if missing or unexpected:
         raise CheckpointError(
             f"{path} does not match this RevCol configuration: "
-            f"{len(missing)} backbone tensors missing from the file {_head(missing)}, "
-            f"{len(unexpected)} backbone tensors the model does not have {_head(unexpected)}"
+            f"{len(missing)} backbone tensors missing from the file {listed(missing)}, "
+            f"{len(unexpected)} backbone tensors the model does not have {listed(unexpected)}"
         )
     for key, value in own.items():
         if state[key].shape != value.shape:
@@ -100,16 +133,10 @@ def save_backbone(model: nn.Module, path: str | os.PathLike) -> Path:
     ``stem.*`` and ``subnet*`` tensors, on the CPU. The file is replaced atomically: a kill or a full disk leaves the
     previous file whole (``CheckpointError`` for the failed write).
     """
-    backbones = [m for m in model.modules() if isinstance(m, FullNet)]
-    # a FullNet holds no FullNet, so exactly one found means one backbone
-    if len(backbones) != 1:
-        raise CheckpointError(
-            f"save_backbone needs a module holding exactly one RevCol backbone (FullNet), found {len(backbones)} "
-            f"in {type(model).__name__}"
-        )
+    backbone = find_backbone(model, "save_backbone", CheckpointError)
     state = {
         k: v.detach().to("cpu", copy=True).contiguous()
-        for k, v in backbones[0].state_dict().items()
+        for k, v in backbone.state_dict().items()
         if k.startswith(BACKBONE_PREFIXES)
     }
     path = Path(path).expanduser()
@@ -126,6 +153,6 @@ def save_backbone(model: nn.Module, path: str | os.PathLike) -> Path:
         replace_atomically(path, write)
     except (OSError, RuntimeError, safetensors.SafetensorError) as error:  # a full disk; torch.save: RuntimeError
         raise CheckpointError(
-            f"could not write {path} ({_first_line(error)}); the file that was there, if any, is unchanged"
+            f"could not write {path} ({describe(error)}); the file that was there, if any, is unchanged"
         ) from None
     return path

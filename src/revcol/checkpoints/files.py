@@ -1,16 +1,19 @@
-"""Loading the authors' ImageNet checkpoints into a RevCol backbone (``docs/design.md``, section "Checkpoints")."""
+"""Reading a checkpoint file without running code: ``torch.save`` files (zip and legacy) and safetensors files,
+each checked for damage (``docs/reliability.md``, "Checkpoint files")."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 import pickle
+import pickletools
 import stat
 import struct
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
@@ -18,7 +21,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from revcol.checkpoints._numpy_meta import PatchedFile, numpy_patches, reading
+from revcol.checkpoints._numpy_meta import NUMPY_GLOBALS, PatchedFile, numpy_patches, reading
 from revcol.errors import CheckpointError
 
 WRAPPER_KEYS = ("model", "state_dict")
@@ -28,6 +31,9 @@ ZIP_MAGIC = b"PK\x03\x04"  # torch.save (default format)
 
 
 PICKLE_MAGIC = b"\x80"  # torch.save(_use_new_zipfile_serialization=False): a pickle, protocol >= 2
+
+
+LEGACY_PICKLES = 4  # a legacy file is four pickles in a row: magic number, protocol, system info, then the object
 
 
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -95,8 +101,7 @@ def _load_torch_file(path: Path, zipped: bool, mmap: bool) -> object:
         with path.open("rb") as file:
             if zipped:
                 file.seek(_verified_zip(file, path))
-            # a legacy file is four pickles in a row: magic number, protocol, system info, then the object
-            patches = numpy_patches(file, count=1 if zipped else 4)
+            patches = numpy_patches(file, count=1 if zipped else LEGACY_PICKLES)
             file.seek(0)
             with reading():
                 if patches:  # mapping needs the file's own path, so the renamed stream is read instead
@@ -108,9 +113,9 @@ def _load_torch_file(path: Path, zipped: bool, mmap: bool) -> object:
                 return torch.load(file, map_location="cpu", weights_only=True)
     except CheckpointError:
         raise
-    except pickle.UnpicklingError as e:
+    except pickle.UnpicklingError:
         raise CheckpointError(
-            f"{path} was refused by weights-only loading ({_unpickler_reason(e)}): it is corrupt or holds objects "
+            f"{path} was refused by weights-only loading ({_refusal(path)}): it is corrupt or holds objects "
             "other than tensors, plain containers and numpy scalars or arrays, possibly code that would run on load. "
             "Only state-dict checkpoints are accepted."
         ) from None
@@ -222,19 +227,55 @@ def describe_kind(path: str | Path) -> str:
     return f"a symbolic link to {kind}" if link else kind
 
 
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+def refused_globals(file: BinaryIO) -> list[str]:
+    """The globals that the pickles of a ``torch.save`` file (zip or legacy format) name and weights-only loading
+    does not allow, sorted: torch's own answer (``get_unsafe_globals_in_checkpoint``, which takes the pickles'
+    opcodes apart without running them). Read from the file's start; a damaged pickle ends the list early.
+    """
+    file.seek(0)
+    zipped = file.read(len(ZIP_MAGIC)) == ZIP_MAGIC
+    file.seek(0)
+    names: set[str] = set()
+    # torch and pickletools raise many types on a damaged pickle: the names found before it are the answer
+    with contextlib.suppress(Exception):
+        if zipped:
+            names.update(torch.serialization.get_unsafe_globals_in_checkpoint(file))
+        else:
+            for data in _pickles(file, LEGACY_PICKLES):
+                names.update(torch.serialization.get_unsafe_globals_in_checkpoint(_as_zip(data)))
+    return sorted(names)
 
 
-def _head(keys: list[str], n: int = 5) -> str:
-    shown = ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
-    return f"[{shown}]"
+def _refusal(path: Path) -> str:
+    """What weights-only loading refused in ``path``: the globals it does not allow, less the numpy names revcol
+    reads as placeholders; a pickle that names none is damaged or uses opcodes that loading does not read."""
+    with path.open("rb") as file:
+        refused = [name for name in refused_globals(file) if name not in NUMPY_GLOBALS]
+    if refused:
+        return f"unsupported GLOBAL {', '.join(refused)}"
+    return "it names no refused global: a damaged pickle, or opcodes weights-only loading does not read"
 
 
-def _unpickler_reason(error: pickle.UnpicklingError) -> str:
-    """The first sentence of what torch's weights-only refusal found, without its paragraphs of generic advice."""
-    text = str(error).split("WeightsUnpickler error:", 1)[-1]
-    generic = ("Weights only load failed", "Check the documentation", "Please file an issue")
-    lines = (line.strip() for line in text.splitlines())
-    reason = " ".join(line for line in lines if line and not line.startswith(generic))
-    return reason.split(". ", 1)[0].rstrip(".") or type(error).__name__
+def _pickles(file: BinaryIO, count: int) -> Iterator[bytes]:
+    """The bytes of the next ``count`` pickles of ``file`` (fewer at its end), found by their ``STOP`` opcodes."""
+    for _ in range(count):
+        start = file.tell()
+        if not file.read(1):
+            return
+        file.seek(start)
+        for _ in pickletools.genops(file):
+            pass
+        end = file.tell()
+        file.seek(start)
+        yield file.read(end - start)
+
+
+def _as_zip(data: bytes) -> BinaryIO:
+    """A pickle of a legacy file inside a minimal zip-format file, the only format torch's global listing reads:
+    the pickle record and the version record torch's reader requires."""
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as writer:
+        writer.writestr("archive/version", "3\n")
+        writer.writestr("archive/data.pkl", data)
+    archive.seek(0)
+    return archive

@@ -10,7 +10,8 @@ Everything that is not one of our commands (``demo``, ``info``, ``download``, ``
 Ultralytics' own CLI entry point after ``import revcol``, so arguments, outputs, ``runs/`` folders,
 progress bars and error messages are Ultralytics' own. Errors a user can cause (bad arguments, a
 wrong model YAML, a missing file) are printed without a traceback: exit status 2 for a malformed
-command line, 1 otherwise; set ``REVCOL_TRACEBACK=1`` to see the traceback."""
+command line, 1 otherwise; set ``REVCOL_TRACEBACK=1`` to see the traceback. Called from Python
+(``main([...])``), every command leaves ``os.environ`` and the loggers as it found them."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from revcol._process import process_state_kept
 from revcol.cli.info import _published_of, cache_status, configs_table, variant_table, weights_table
 from revcol.errors import RevColError
 
@@ -87,15 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     command = args[0].lower()
     try:
-        if command == "demo":
-            return _demo(args[1:])
-        if command == "info":
-            return _info(args[1:])
-        if command == "download":
-            return _download(args[1:])
-        if command in {"version", "--version", "-v"}:
-            return _version()
-        return _ultralytics(args)
+        with process_state_kept():  # Ultralytics sets environment variables while it trains
+            return _run(command, args)
     except KeyboardInterrupt:
         print("revcol: interrupted", file=sys.stderr)
         return 130
@@ -105,6 +100,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{type(error).__name__}: {error}".rstrip(), file=sys.stderr)
         print("revcol: see `revcol help` (REVCOL_TRACEBACK=1 shows the traceback)", file=sys.stderr)
         return 2 if isinstance(error, SyntaxError) else 1  # 2: the command line itself is wrong
+
+
+def _run(command: str, args: list[str]) -> int:
+    if command == "demo":
+        return _demo(args[1:])
+    if command == "info":
+        return _info(args[1:])
+    if command == "download":
+        return _download(args[1:])
+    if command in {"version", "--version", "-v"}:
+        return _version()
+    return _ultralytics(args)
 
 
 def _env_true(name: str) -> bool:
@@ -182,7 +189,6 @@ def _demo(argv: list[str]) -> int:
     if options.denoising < 0:
         parser.error(f"--denoising must be >= 0, got {options.denoising}")
 
-    os.environ["YOLO_OFFLINE"] = "true"  # before Ultralytics is imported: no online checks, no downloads
     from revcol.demo import run_demo
 
     run_demo(
@@ -260,23 +266,22 @@ def _download(argv: list[str]) -> int:
 
 def _info_yaml(path: str, imgsz: int) -> int:
     """Ultralytics' model summary (layers, parameters, GFLOPs at ``imgsz``) of a model YAML."""
-    import logging
-
     from ultralytics import YOLO
-    from ultralytics.nn.tasks import RTDETRDetectionModel, yaml_model_load
-    from ultralytics.utils import LOGGER
+    from ultralytics.nn.tasks import ClassificationModel, RTDETRDetectionModel, guess_model_task, yaml_model_load
     from ultralytics.utils.torch_utils import model_info
 
     import revcol  # noqa: F401  (registers the backbones)
 
-    head = (yaml_model_load(path).get("head") or [[None, None, ""]])[-1]
-    # ClassificationModel logs a summary of its own while it is built, whatever verbose says: one summary is ours
-    level = LOGGER.level
-    LOGGER.setLevel(logging.WARNING)
-    try:
-        model = RTDETRDetectionModel(path, verbose=False) if head[2] == "RTDETRDecoder" else YOLO(path).model
-    finally:
-        LOGGER.setLevel(level)
+    d = yaml_model_load(path)
+    head = (d.get("head") or [[None, None, ""]])[-1]
+    if head[2] == "RTDETRDecoder":
+        model = RTDETRDetectionModel(path, verbose=False)
+    elif guess_model_task(d) == "classify":
+        # It logs a summary of its own while it is built, whatever verbose says: the one printed is ours, at imgsz.
+        quiet = type("ClassificationModel", (ClassificationModel,), {"info": lambda self, *args, **kwargs: None})
+        model = quiet(path, verbose=False)
+    else:
+        model = YOLO(path).model
     model_info(model, imgsz=imgsz)
     return 0
 

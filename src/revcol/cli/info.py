@@ -1,16 +1,8 @@
-"""The ``revcol`` command: Ultralytics' ``yolo`` command with the RevCol backbones registered, plus extras.
+"""The tables of ``revcol info``: the variants, the authors' published weights and the shipped configs.
 
-    revcol train|val|predict|export|track|benchmark key=value ...   exactly as ``yolo <mode> key=value ...``
-    revcol demo [--output DIR] [--epochs N] [--imgsz N] [--device D] ...
-    revcol info [VARIANT | MODEL.yaml] [--imgsz N]
-    revcol download VARIANT [TAG]
-    revcol help | --help | version
-
-Everything that is not one of our commands (``demo``, ``info``, ``download``, ``help``, ``version``) goes to
-Ultralytics' own CLI entry point after ``import revcol``, so arguments, outputs, ``runs/`` folders,
-progress bars and error messages are Ultralytics' own. Errors a user can cause (bad arguments, a
-wrong model YAML, a missing file) are printed without a traceback: exit status 2 for a malformed
-command line, 1 otherwise; set ``REVCOL_TRACEBACK=1`` to see the traceback."""
+Each table is printed from the data it shows (``revcol.core.variants``, ``revcol.weights.published``, the
+configs folder); ``markdown=True`` gives the same table as Markdown, which is how ``docs/generate.py`` writes
+the tables of the README and the docs."""
 
 from __future__ import annotations
 
@@ -18,6 +10,8 @@ import os
 from collections.abc import Sequence
 
 from revcol.errors import RevColError
+
+NO_VALUE = "-"  # a cell with nothing published
 
 
 def _published_of(name: str) -> list:
@@ -41,87 +35,143 @@ def cache_status(entry) -> tuple[str, str | None]:
     return "yes", None
 
 
-def variant_table(names: Sequence[str], imgsz: int) -> str:
-    """A text table of the variants ``names``: channels, depths, columns, parameters and GFLOPs at ``imgsz``."""
+def variant_table(names: Sequence[str], imgsz: int, markdown: bool = False) -> str:
+    """A table of the variants ``names``: channels, depths, columns, parameters and GFLOPs at ``imgsz``.
+
+    ``markdown``: as Markdown, with each variant's drop-path rate too.
+    """
     from revcol.core.variants import VARIANTS
 
     rows = []
     for name in names:
         spec = VARIANTS[name]
         params, flops = count_variant(name, imgsz)
-        channels, depths = "-".join(map(str, spec.channels)), "-".join(map(str, spec.layers))
-        rows.append((name, channels, depths, str(spec.num_subnet), f"{params / 1e6:.1f}", f"{flops / 1e9:.1f}"))
-    header = ("variant", "channels", "depths", "columns", "params (M)", f"GFLOPs @{imgsz}")
-    note = "GFLOPs: backbone only, 2 x multiply-accumulates (Ultralytics' convention; the paper's FLOPs are half that)."
-    return _text_table(header, rows, note)
+        cells = [_code(name, markdown), _dashed(spec.channels), _dashed(spec.layers), str(spec.num_subnet)]
+        cells += [f"{spec.drop_path:g}"] if markdown else []
+        rows.append([*cells, f"{params / 1e6:.1f}", f"{flops / 1e9:.1f}"])
+    header = ["variant", "channels", "depths", "columns", *(["drop path"] if markdown else []), "params (M)"]
+    header.append(f"GFLOPs @{imgsz}")
+    notes = [
+        "GFLOPs: backbone only, 2 x multiply-accumulates (Ultralytics' convention; the paper's FLOPs are half that)."
+    ]
+    wired = [_code(name, markdown) for name in names if VARIANTS[name].level0_from_coarsest]
+    if wired:
+        notes.append(f"Level 0 also reads level 3 (level0_from_coarsest) in {', '.join(wired)}.")
+    return _table(header, rows, notes, markdown)
 
 
-def weights_table(names: Sequence[str], statuses: dict | None = None) -> str:
-    """Text tables of the authors' published weights of the variants ``names`` (ImageNet, then the backbones of
-    their COCO and ADE20K models), and whether each is cached (checked: a file that does not load is "damaged")."""
+def weights_table(
+    names: Sequence[str], statuses: dict | None = None, markdown: bool = False, downstream: bool | None = None
+) -> str:
+    """Tables of the authors' published weights of the variants ``names`` (ImageNet, then the backbones of their
+    COCO and ADE20K models), and whether each is cached (checked: a file that does not load is "damaged").
+
+    ``markdown``: the same tables as Markdown, without the cache (a property of this machine, not of the files).
+    ``downstream``: ``False`` for the ImageNet table only, ``True`` for the COCO and ADE20K one only.
+    """
     from revcol import weights
 
     entries = [entry for name in names for entry in weights.WEIGHTS.get(name, {}).values()]
+    entries = [entry for entry in entries if downstream in (None, entry.is_downstream)]
     if not entries:
         return "No published weights for " + ", ".join(names) + "."
-    statuses = statuses if statuses is not None else {entry: cache_status(entry) for entry in entries}
-    rows = [
-        (
-            entry.variant,
-            entry.tag + (" *" if weights.DEFAULT_TAGS.get(entry.variant) == entry.tag else ""),
-            entry.filename,
-            str(entry.resolution),
-            "-" if entry.top1 is None else f"{entry.top1:.1f}",
-            "-" if entry.num_classes is None else str(entry.num_classes),
-            statuses[entry][0],
-        )
-        for entry in entries
-        if not entry.is_downstream
-    ]
-    header = ("variant", "tag", "file", "resolution", "top-1", "classes", "cached")
-    note = (
-        "* the default of pretrained=True. top-1: ImageNet-1k at that resolution; - where none is published.\n"
-        f"Cache: {weights.cache_dir()} (torch's hub cache; `revcol download VARIANT [TAG]` fills it)"
-    )
-    tables = [_text_table(header, rows, note)] if rows else []
-    downstream = [
-        (
-            entry.variant,
-            entry.tag,
-            entry.filename,
-            entry.trained_for.split(" (")[0],
-            ", ".join(f"{name} {value:.1f}" for name, value in entry.scores) or "-",
-            str(entry.kernel_size),
-            statuses[entry][0],
-        )
-        for entry in entries
-        if entry.is_downstream
-    ]
-    if downstream:
-        header = ("variant", "tag", "file", "trained for", "published results", "kernel", "cached")
+    if not markdown and statuses is None:
+        statuses = {entry: cache_status(entry) for entry in entries}
+    cached = [] if markdown else ["cached"]
+
+    def row(entry, cells) -> list[str]:
+        return [*cells(entry, markdown), *([] if markdown else [statuses[entry][0]])]
+
+    tables = []
+    classifiers = [row(entry, _classifier_cells) for entry in entries if not entry.is_downstream]
+    if classifiers:
+        header = ["variant", "tag", "file", "resolution", "top-1", "classes", *cached]
+        tables.append(_table(header, classifiers, _classifier_notes(names, markdown), markdown))
+    backbones = [row(entry, _downstream_cells) for entry in entries if entry.is_downstream]
+    if backbones:
+        header = ["variant", "tag", "file", "trained for", "published results", "kernel", *cached]
         note = "The backbones of the authors' COCO and ADE20K models: pretrained=TAG loads the backbone only."
-        tables.append(_text_table(header, downstream, note))
+        tables.append(_table(header, backbones, [note], markdown))
     return "\n\n".join(tables)
 
 
-def configs_table() -> str:
-    """A text table of the model configs shipped with revcol: their head, the layers it reads, their backbone."""
+def _classifier_notes(names: Sequence[str], markdown: bool) -> list[str]:
+    from revcol import weights
+
+    scores = f"top-1: ImageNet-1k at that resolution; {NO_VALUE} where none is published."
+    if not markdown:
+        cache = f"Cache: {weights.cache_dir()} (torch's hub cache; `revcol download VARIANT [TAG]` fills it)"
+        return [f"* the default of pretrained=True. {scores}", cache]
+    unpublished = [_code(name, True) for name in names if name not in weights.WEIGHTS]
+    notes = [f"(default): what `pretrained=True` loads. {scores}"]
+    return notes + ([f"No published file: {', '.join(unpublished)}."] if unpublished else [])
+
+
+def _classifier_cells(entry, markdown: bool) -> list[str]:
+    from revcol import weights
+
+    default = weights.DEFAULT_TAGS.get(entry.variant) == entry.tag
+    tag = _code(entry.tag, markdown) + ((" (default)" if markdown else " *") if default else "")
+    where = " (mirror only)" if markdown and not entry.in_release else ""
+    top1 = f"{entry.top1:.1f}" if entry.top1 is not None else NO_VALUE
+    if markdown and entry.top1 is None:
+        top1 += f" ({entry.trained_for})"
+    classes = NO_VALUE if entry.num_classes is None else str(entry.num_classes)
+    return [entry.variant, tag, _code(entry.filename, markdown) + where, str(entry.resolution), top1, classes]
+
+
+def _downstream_cells(entry, markdown: bool) -> list[str]:
+    scores = ", ".join(f"{name} {value:.1f}" for name, value in entry.scores) or NO_VALUE
+    filename = _code(entry.filename, markdown) + (f" ({entry.folder})" if markdown else "")
+    trained_for = entry.trained_for if markdown else entry.trained_for.split(" (")[0]
+    return [entry.variant, _code(entry.tag, markdown), filename, trained_for, scores, str(entry.kernel_size)]
+
+
+def configs_table(markdown: bool = False) -> str:
+    """A table of the model configs shipped with revcol: their head, the layers it reads, their backbone."""
     import yaml
 
-    from revcol.ultralytics.yaml_rows import CONFIG_DIR, shipped_configs
+    from revcol.ultralytics.releases import HEADS_SINCE, head_release, supported_floor, supported_range
+    from revcol.ultralytics.yaml_rows import CONFIG_DIR, LAYOUT, shipped_configs
 
     rows = []
     for name in shipped_configs():
         d = yaml.safe_load((CONFIG_DIR / name).read_text())
         source, _, head, _ = d["head"][-1]
         reads = ",".join(map(str, source)) if isinstance(source, list) else str(source)
-        rows.append((name, head, reads, d["backbone"][0][2]))
-    header = ("config", "head", "reads layers", "backbone")
-    note = (
-        "Load by bare name (e.g. YOLO('yolo-revcol-sem.yaml')); layers 1-4 are the backbone's strides 4, 8, 16, 32.\n"
-        "SemanticSegment needs ultralytics>=8.4.52, Depth ultralytics>=8.4.104."
-    )
-    return _text_table(header, rows, note)
+        rows.append([_code(name, markdown), _code(head, markdown), reads, _code(d["backbone"][0][2], markdown)])
+    header = ["config", "head", "reads layers", "backbone"]
+    levels = LAYOUT[1:]
+    strides = ", ".join(layer.output.split(" (")[0].removeprefix("stride ") for layer in levels)
+    floor = supported_floor()
+    needs = [f"{head} needs ultralytics>={head_release(head)}" for head in HEADS_SINCE if head_release(head) != floor]
+    notes = [
+        f"Load by bare name (e.g. YOLO('yolo-revcol-sem.yaml')); layers {levels[0].index}-{levels[-1].index} are "
+        f"the backbone's strides {strides}.",
+        *([", ".join(needs) + "."] if needs else []),
+        f"{'Every other' if needs else 'Every'} head: every supported Ultralytics ({supported_range()}).",
+    ]
+    return _table(header, rows, notes, markdown)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table of ``rows`` under ``header``."""
+    lines = [header, ["---"] * len(header), *rows]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], notes: Sequence[str], markdown: bool) -> str:
+    if markdown:
+        return "\n\n".join([markdown_table(header, rows), " ".join(notes)])
+    return _text_table(header, rows, "\n".join(notes))
+
+
+def _code(text: str, markdown: bool) -> str:
+    return f"`{text}`" if markdown else text
+
+
+def _dashed(values: Sequence[int]) -> str:
+    return "-".join(map(str, values))
 
 
 def _text_table(header: Sequence[str], rows: Sequence[Sequence[str]], note: str) -> str:

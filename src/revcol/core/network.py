@@ -25,7 +25,7 @@ from revcol.core.blocks import (
     trunc_normal_,
 )
 from revcol.core.reversible import ReverseFunction
-from revcol.errors import ConfigError, InputError
+from revcol.errors import ConfigError, InputError, RevColError
 
 ALPHA_BOUND = 1e-3
 
@@ -298,6 +298,29 @@ class FullNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Features:
         return self.forward_features(x)
+
+
+def find_backbones(module: object) -> list[FullNet]:
+    """Every RevCol backbone (``FullNet``) in ``module``, itself included; none in anything that is not a module."""
+    if not isinstance(module, nn.Module):
+        return []
+    return [m for m in module.modules() if isinstance(m, FullNet)]
+
+
+def find_backbone(module: nn.Module, needed_by: str, error: type[RevColError] = ConfigError) -> FullNet:
+    """The one RevCol backbone in ``module`` (a ``FullNet``, or a model holding one: a timm classifier, an
+    Ultralytics model or its ``YOLO`` / ``RTDETR`` wrapper).
+
+    ``error`` (default ``ConfigError``) saying that ``needed_by`` needs exactly one, when ``module`` holds none or
+    several: which one was meant cannot be guessed.
+    """
+    backbones = find_backbones(module)
+    if len(backbones) != 1:
+        raise error(
+            f"{needed_by} needs a module holding exactly one RevCol backbone (FullNet), found {len(backbones)} "
+            f"in {type(module).__name__}"
+        )
+    return backbones[0]
 
 
 def check_input(x: torch.Tensor) -> None:

@@ -6,6 +6,9 @@ plus one so that the stem alone has depth 0. A parameter at depth ``id`` trains 
 ``base_lr * rate ** (num_layers - id - 1)``, where ``num_layers = dp[-1][-1] + 2``: the stem gets the smallest
 rate, everything outside the backbone (the head) the base lr. This follows the authors' detection code
 (``layer_decay_optimizer_constructor.py``).
+
+Which parameters weight decay leaves alone is decided here too (``exempt_from_weight_decay``), for the Ultralytics
+trainers and the timm models alike.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from revcol.errors import ConfigError
 _ALPHA = re.compile(r"subnet(\d+)\.alpha\d+$")
 _BLOCK = re.compile(r"subnet(\d+)\.level(\d+)\.blocks\.(\d+)\.")
 _FUSION = re.compile(r"subnet(\d+)\.level(\d+)\.fusion\.")
+_NO_DECAY = re.compile(r"subnet\d+\.(alpha\d+|level\d+\.blocks\.\d+\.gamma)")
 
 
 def check_lr_decay(rate: object) -> float | None:
@@ -69,3 +73,14 @@ def layer_id(name: str, layers: Sequence[int], num_subnet: int) -> int:
 def lr_scale(name: str, layers: Sequence[int], num_subnet: int, rate: float) -> float:
     """The factor on the base lr of the parameter ``name`` (see ``layer_id``) under layer-wise decay ``rate``."""
     return rate ** (num_layers(layers, num_subnet) - layer_id(name, layers, num_subnet) - 1)
+
+
+def exempt_from_weight_decay(name: str) -> bool:
+    """Whether weight decay must leave the backbone parameter ``name`` (named as in the backbone's state dict) alone:
+    a column's ``alpha`` or a block's layer-scale ``gamma``.
+
+    Both are gains, not weights: decay would pull every column's reversible update and every block's residual
+    branch toward zero. Norm weights and biases are not named here, because Ultralytics' and timm's optimizer
+    builders already exempt them.
+    """
+    return _NO_DECAY.fullmatch(name) is not None

@@ -1,41 +1,13 @@
-"""An offline demo: a synthetic shapes dataset, and RT-DETR-RevCol trained on it on a CPU.
+"""The offline demo (``run_demo``, ``revcol demo``): RT-DETR-RevCol trained on generated shapes, on a CPU.
 
-The dataset (``generate_dataset``)
-----------------------------------
-Square RGB images (``imgsz`` x ``imgsz`` PNG) with one to ``MAX_SHAPES`` filled shapes each, on a
-noisy background. Three classes, told apart by shape only (colours are random for every shape):
-
-    0  circle    a filled disc
-    1  square    an axis-aligned filled square
-    2  triangle  an upright filled isosceles triangle (apex at the top)
-
-A shape's side (or diameter) is 20-40 % of the image side. Every shape is painted in one flat,
-bright, saturated colour (HSV value >= 200); the background is a dull random colour (channels 30-110)
-plus Gaussian noise (sigma 14), so the shapes stand out. Shapes never overlap (a gap of ``GAP``
-pixels is kept between their boxes), so each label box is exactly the box of the pixels painted for
-that shape: a tight box, computed from the drawn mask. The share of a box painted in the shape's
-colour tells the class: about 0.79 for a circle, 1 for a square, 0.5 for a triangle.
-
-Layout (Ultralytics/YOLO format)::
-
-    root/
-      data.yaml                     path, train/val/test folders, class names
-      images/{train,val,test}/000000.png ...
-      labels/{train,val,test}/000000.txt ...   one "class cx cy w h" line per shape, normalised to [0, 1]
-
-The split is train/val/test; ``val`` picks the best epoch while training, ``test`` is only used
-for the final evaluation and the annotated predictions. The same ``seed`` gives the same files.
-
-The demo (``run_demo``, ``revcol demo``)
-----------------------------------------
-Generates the dataset (480/40/40 images of 96 px by default), trains the small
-``rtdetr-revcol-demo.yaml`` (0.9 M parameters: a 2-column RevCol with channels 16-128, and an
-RT-DETR head with 30 queries) on the CPU for 15 epochs (AdamW, lr0 0.005, batch 16, 10 denoising
-queries, one warm-up epoch, Ultralytics' default augmentation) with every core the process is given,
-evaluates ``best.pt`` on the test split, predicts on the test images and saves pictures annotated by
-Ultralytics' ``Results.plot``, then prints where everything is, its wall time, the thread count and the
-test mAP. Nothing is downloaded (see ``offline``). With the defaults it took 1 min 25 s on one core of
-this project's 2-core machine (``taskset -c 0``, the other core busy) and reached a test mAP50 of 0.665."""
+Generates the shapes dataset (``revcol.demo.shapes``; 480/40/40 images of 96 px by default), trains the small
+``rtdetr-revcol-demo.yaml`` (0.9 M parameters: a 2-column RevCol with channels 16-128, and an RT-DETR head with 30
+queries) on the CPU for 15 epochs (AdamW, lr0 0.005, batch 16, 10 denoising queries, one warm-up epoch,
+Ultralytics' default augmentation) with every core the process is given, evaluates ``best.pt`` on the test split,
+predicts on the test images and saves pictures annotated by Ultralytics' ``Results.plot``, then prints where
+everything is, its wall time, the thread count and the test mAP. Nothing is downloaded (see ``offline``). Measured
+times and accuracy are in ``docs/demo.md``.
+"""
 
 from __future__ import annotations
 
@@ -44,22 +16,23 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from revcol._process import process_state_kept
 from revcol.demo.shapes import generate_dataset
 
 if TYPE_CHECKING:
+    from torch import nn
     from ultralytics.engine.results import Results
     from ultralytics.utils.metrics import DetMetrics
 
 
 DEMO_MODEL = "rtdetr-revcol-demo.yaml"
-
-
 DEMO_DEFAULTS = {
     "epochs": 15,
     "imgsz": 96,
@@ -71,22 +44,14 @@ DEMO_DEFAULTS = {
     "denoising": 10,
     "seed": 0,
 }
-
-
 MIN_CONF = 0.5  # detections drawn in the annotated pictures
-
-
 OVERLAP_IOU = 0.7  # of boxes overlapping more than this, only the most confident is drawn
-
-
 PICTURE_SIZE = 256  # annotated pictures are drawn at this size
-
-
 GRID = (4, 2)  # columns, rows of the predictions.jpg contact sheet
 
 
 @contextlib.contextmanager
-def offline():
+def offline() -> Iterator[None]:
     """Within this block Ultralytics neither downloads a font nor talks to the network.
 
     ``YOLO_OFFLINE=true`` in the environment before Ultralytics is imported stops most network use,
@@ -97,7 +62,7 @@ def offline():
       font already in that folder and otherwise answers matplotlib's DejaVu Sans, without downloading;
     * the PyPI update check and the usage analytics see Ultralytics as offline.
 
-    The attributes replaced are the ``offline`` group of ``revcol.hooks.HOOKS``.
+    The attributes replaced are the ``offline`` group of ``revcol.ultralytics.hooks.HOOKS``.
     """
     from revcol.ultralytics import hooks
 
@@ -122,23 +87,35 @@ def training_threads(device: str, workers: int) -> int | None:
     return available_cores() if str(device).lower() == "cpu" and workers == 0 else None
 
 
-def set_denoising(model, queries: int) -> None:
-    """Train ``model``'s RT-DETR decoder with ``queries`` contrastive denoising queries (Ultralytics' default: 100).
+@contextlib.contextmanager
+def denoising_queries(model: nn.Module, queries: int) -> Iterator[None]:
+    """``model``'s RT-DETR decoders train with ``queries`` contrastive denoising queries inside the block (Ultralytics'
+    default: 100); their own count is back after it.
 
     Denoising queries exist only in training (noised copies of the ground-truth boxes that the decoder learns to
     restore), so the model and its inference are the same; fewer of them make a CPU training step about twice as
     fast on the demo's images, which hold at most three objects. Set on the built model because a YAML can name
-    the count only after the decoder's activation, which Ultralytics before 8.4.146 cannot take from a YAML.
+    the count only after the decoder's activation, which Ultralytics before 8.4.146 cannot take from a YAML; the
+    attribute is the ``denoising`` group of ``revcol.ultralytics.hooks.HOOKS``.
     """
+    from revcol.ultralytics import hooks
+
+    decoders = _decoders(model)
+    if queries < 0:
+        raise ValueError(f"the number of denoising queries must be >= 0, got {queries}")
+    with contextlib.ExitStack() as stack:
+        for decoder in decoders:
+            stack.enter_context(hooks.applied(hooks.DENOISING, instance=decoder, value=queries))
+        yield
+
+
+def _decoders(model: nn.Module) -> list[nn.Module]:
     from ultralytics.nn.modules.head import RTDETRDecoder
 
     decoders = [m for m in model.modules() if isinstance(m, RTDETRDecoder)]
     if not decoders:
         raise ValueError("denoising queries need an RT-DETR model (an RTDETRDecoder head)")
-    if queries < 0:
-        raise ValueError(f"the number of denoising queries must be >= 0, got {queries}")
-    for decoder in decoders:
-        decoder.num_denoising = queries
+    return decoders
 
 
 def train(
@@ -163,19 +140,19 @@ def train(
 
     threads = training_threads(settings.get("device", "cpu"), settings.get("workers", 0))
     used: list[int] = []
+    with contextlib.ExitStack() as borrowed:  # the thread count and the model's denoising queries, given back after
+        borrowed.callback(torch.set_num_threads, torch.get_num_threads())
 
-    def before_training(trainer) -> None:
-        # After the trainer's select_device (which sets Ultralytics' thread count), before the first batch.
-        if threads is not None:
-            torch.set_num_threads(threads)
-        used.append(torch.get_num_threads())
-        if denoising is not None:
-            set_denoising(trainer.model, denoising)
+        def before_training(trainer) -> None:
+            # After the trainer's select_device (which sets Ultralytics' thread count), before the first batch.
+            if threads is not None:
+                torch.set_num_threads(threads)
+            used.append(torch.get_num_threads())
+            if denoising is not None:
+                borrowed.enter_context(denoising_queries(trainer.model, denoising))
 
-    previous = torch.get_num_threads()
-    detector = RTDETR(model)
-    detector.add_callback("on_train_start", before_training)
-    try:
+        detector = RTDETR(model)
+        detector.add_callback("on_train_start", before_training)
         detector.train(
             data=str(data_yaml),
             epochs=epochs,
@@ -189,8 +166,6 @@ def train(
             plots=False,
             **settings,
         )
-    finally:
-        torch.set_num_threads(previous)
     weights = Path(detector.trainer.save_dir) / "weights"
     best = weights / "best.pt"
     return (best if best.is_file() else weights / "last.pt"), used[0]
@@ -306,22 +281,35 @@ def run_demo(
     batches), ``predictions/`` (one annotated picture per test image: detections with confidence >= 0.5,
     overlapping ones (IoU > 0.7) reduced to the most confident, as RT-DETR does no NMS), ``predictions.jpg``
     (a contact sheet of the first ones) and ``summary.json`` (paths, mAP, timings).
-    Sets ``YOLO_OFFLINE=true`` for this process; nothing is downloaded.
+    Runs with ``YOLO_OFFLINE=true``; nothing is downloaded, and the process's environment and loggers are left
+    as they were.
     """
-    os.environ["YOLO_OFFLINE"] = "true"  # read once, when Ultralytics is first imported
-    from ultralytics.utils import LOGGER
+    images = {"train": n_train, "val": n_val, "test": n_test}
+    settings = {"imgsz": imgsz, "batch": batch, "device": device, "workers": workers}
+    # Ultralytics reads YOLO_OFFLINE at every network check; training sets variables of its own, given back too.
+    with process_state_kept(YOLO_OFFLINE="true"):
+        result, n_pictures = _run(
+            Path(output).resolve(), model, images, epochs=epochs, lr0=lr0, seed=seed, denoising=denoising, **settings
+        )
+    write_summary(result, model=model, epochs=epochs, imgsz=imgsz, images=images, denoising=denoising)
+    print(format_summary(result, n_test=n_pictures))
+    return result
 
-    import revcol  # noqa: F401  (registers the backbones)
+
+def _run(
+    output: Path, model: str, images: dict[str, int], *, epochs: int, lr0: float, seed: int, denoising: int, **settings
+) -> tuple[DemoResult, int]:
+    """The demo's steps, timed; returns its result and the number of annotated test pictures."""
+    from ultralytics.utils import LOGGER
 
     start = time.perf_counter()
     seconds: dict[str, float] = {}
-    output = Path(output).resolve()
     dataset, predictions_dir, grid = output / "dataset", output / "predictions", output / "predictions.jpg"
-    settings = {"imgsz": imgsz, "batch": batch, "device": device, "workers": workers}
-
-    LOGGER.info(f"revcol demo: generating {n_train}/{n_val}/{n_test} train/val/test images of {imgsz} px ...")
+    imgsz = settings["imgsz"]
+    counts = f"{images['train']}/{images['val']}/{images['test']}"
+    LOGGER.info(f"revcol demo: generating {counts} train/val/test images of {imgsz} px ...")
     with _timed(seconds, "dataset"):
-        data_yaml = generate_dataset(dataset, n_train, n_val, imgsz, seed, n_test=n_test)
+        data_yaml = generate_dataset(dataset, images["train"], images["val"], imgsz, seed, n_test=images["test"])
     with offline():
         with _timed(seconds, "train"):
             best, threads = train(
@@ -330,9 +318,9 @@ def run_demo(
         with _timed(seconds, "test"):
             metrics = evaluate(best, data_yaml, output, **settings)
         with _timed(seconds, "predict"):
-            n_pictures = save_predictions(best, dataset / "images" / "test", predictions_dir, grid, imgsz, device)
+            test_images = dataset / "images" / "test"
+            n_pictures = save_predictions(best, test_images, predictions_dir, grid, imgsz, settings["device"])
     seconds["total"] = time.perf_counter() - start
-
     result = DemoResult(
         output=output,
         data_yaml=data_yaml,
@@ -347,10 +335,7 @@ def run_demo(
         threads=threads,
         seconds={k: round(v, 1) for k, v in seconds.items()},
     )
-    images = {"train": n_train, "val": n_val, "test": n_test}
-    write_summary(result, model=model, epochs=epochs, imgsz=imgsz, images=images, denoising=denoising)
-    print(format_summary(result, n_test=n_pictures))
-    return result
+    return result, n_pictures
 
 
 def write_summary(result: DemoResult, **settings) -> None:

@@ -1,7 +1,5 @@
-"""An offline demo: a synthetic shapes dataset, and RT-DETR-RevCol trained on it on a CPU.
+"""The synthetic shapes dataset of the offline demo (``generate_dataset``).
 
-The dataset (``generate_dataset``)
-----------------------------------
 Square RGB images (``imgsz`` x ``imgsz`` PNG) with one to ``MAX_SHAPES`` filled shapes each, on a
 noisy background. Three classes, told apart by shape only (colours are random for every shape):
 
@@ -24,18 +22,7 @@ Layout (Ultralytics/YOLO format)::
       labels/{train,val,test}/000000.txt ...   one "class cx cy w h" line per shape, normalised to [0, 1]
 
 The split is train/val/test; ``val`` picks the best epoch while training, ``test`` is only used
-for the final evaluation and the annotated predictions. The same ``seed`` gives the same files.
-
-The demo (``run_demo``, ``revcol demo``)
-----------------------------------------
-Generates the dataset (480/40/40 images of 96 px by default), trains the small
-``rtdetr-revcol-demo.yaml`` (0.9 M parameters: a 2-column RevCol with channels 16-128, and an
-RT-DETR head with 30 queries) on the CPU for 15 epochs (AdamW, lr0 0.005, batch 16, 10 denoising
-queries, one warm-up epoch, Ultralytics' default augmentation) with every core the process is given,
-evaluates ``best.pt`` on the test split, predicts on the test images and saves pictures annotated by
-Ultralytics' ``Results.plot``, then prints where everything is, its wall time, the thread count and the
-test mAP. Nothing is downloaded (see ``offline``). With the defaults it took 1 min 25 s on one core of
-this project's 2-core machine (``taskset -c 0``, the other core busy) and reached a test mAP50 of 0.665."""
+for the final evaluation and the annotated predictions. The same ``seed`` gives the same files."""
 
 from __future__ import annotations
 

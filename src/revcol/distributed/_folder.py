@@ -10,7 +10,6 @@ import io
 import json
 import os
 import pickle
-import re
 import shutil
 import zlib
 from collections.abc import Callable, Mapping
@@ -24,6 +23,8 @@ from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import ReadItem
 
 from revcol._atomic import fsync_folder, write_atomically
+from revcol.checkpoints.files import refused_globals
+from revcol.checkpoints.messages import describe
 from revcol.errors import CheckpointError
 
 MODEL_KEY, OPTIMIZER_KEY, EXTRA_KEY = "model", "optimizer", "extra"
@@ -55,7 +56,6 @@ _METADATA_GLOBALS: dict[str, frozenset[str]] = {
     "pathlib": _PATHS,
     "pathlib._local": _PATHS,
 }
-_REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+) was not an allowed global")
 
 
 class Refused(pickle.UnpicklingError):
@@ -70,9 +70,19 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 class SafeReader(dcp.FileSystemReader):
-    """A ``FileSystemReader`` whose ``.metadata`` is unpickled with only the metadata classes allowed."""
+    """A ``FileSystemReader`` whose ``.metadata`` is unpickled with only the metadata classes allowed.
+
+    Read once and kept: ``load_checkpoint`` checks the metadata before loading, and DCP's load asks for it again.
+    """
+
+    _metadata: Metadata | None = None
 
     def read_metadata(self) -> Metadata:
+        if self._metadata is None:
+            self._metadata = self._read_metadata()
+        return self._metadata
+
+    def _read_metadata(self) -> Metadata:
         with open(Path(self.path) / ".metadata", "rb") as file:
             metadata = _MetadataUnpickler(file).load()
         if not isinstance(metadata, Metadata):
@@ -92,9 +102,9 @@ class WeightsOnlyPlanner(dcp.DefaultLoadPlanner):
         fqn = read_item.dest_index.fqn
         try:
             loaded = torch.load(value, weights_only=True)
-        except pickle.UnpicklingError as e:
-            refused = _REFUSED_GLOBAL.search(str(e))
-            what = refused[1] if refused else "more than plain data"
+        except pickle.UnpicklingError:
+            refused = refused_globals(value)
+            what = refused[0] if refused else "more than plain data"
             raise Refused(f"{fqn} pickles {what}, which a weights-only torch.load does not allow") from None
         put(self.original_state_dict, self.mappings[fqn], loaded)
 
@@ -246,8 +256,3 @@ def underlying(error: BaseException) -> BaseException:
     while isinstance(error, dcp.CheckpointException) and error.failures:
         error = error.failures[min(error.failures)][0]
     return error
-
-
-def describe(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__

@@ -17,6 +17,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
+from revcol.checkpoints.messages import describe, listed
 from revcol.distributed._folder import (
     EXTRA_KEY,
     MODEL_KEY,
@@ -25,7 +26,6 @@ from revcol.distributed._folder import (
     SafeReader,
     WeightsOnlyPlanner,
     complete_copy,
-    describe,
     extra_value_paths,
     fresh,
     on_rank_zero,
@@ -87,8 +87,9 @@ def load_checkpoint(
     path = Path(path).expanduser()
     folder = complete_copy(path)
     on_rank_zero(verify_checksums, folder)
+    reader = SafeReader(folder)  # keeps the metadata it reads: checked here, then used by dcp.load
     try:
-        metadata = SafeReader(folder).read_metadata()
+        metadata = reader.read_metadata()
     except Refused as e:
         raise CheckpointError(f"{folder} is not loaded: {e}") from None
     except Exception as e:  # a missing folder, a folder of something else, a damaged .metadata
@@ -109,7 +110,7 @@ def load_checkpoint(
             raise CheckpointError(f"{path} holds no optimizer state, so the optimizer cannot be resumed from it")
         state[OPTIMIZER_KEY] = fresh(optimizer_state)
     try:
-        dcp.load(state, storage_reader=SafeReader(folder), planner=WeightsOnlyPlanner())
+        dcp.load(state, storage_reader=reader, planner=WeightsOnlyPlanner())
     except (Exception, dcp.CheckpointException) as e:
         error = underlying(e)
         if not isinstance(error, Exception):  # a rank was interrupted (KeyboardInterrupt, SystemExit)
@@ -134,7 +135,7 @@ def _check_model_entries(path: Path, saved: Mapping[str, Any], model_state: Mapp
     if missing or unexpected:
         raise CheckpointError(
             f"{path} is a checkpoint of another model: {len(missing)} tensors of this model missing from it "
-            f"{_head(missing)}, {len(unexpected)} tensors this model does not have {_head(unexpected)}"
+            f"{listed(missing)}, {len(unexpected)} tensors this model does not have {listed(unexpected)}"
         )
     for key, value in model_state.items():
         size = getattr(stored[key], "size", None)
@@ -143,7 +144,3 @@ def _check_model_entries(path: Path, saved: Mapping[str, Any], model_state: Mapp
                 f"{path} is a checkpoint of another model: {key} has shape {tuple(size)} there, "
                 f"{tuple(value.shape)} here"
             )
-
-
-def _head(keys: list[str], n: int = 5) -> str:
-    return "[" + ", ".join(keys[:n]) + (", ..." if len(keys) > n else "") + "]"

@@ -12,19 +12,9 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from revcol.core.network import FullNet
+from revcol.core.network import find_backbone
 from revcol.distributed.checkpoints import BF16_POLICY
 from revcol.errors import ConfigError
-
-
-def _backbone(model: nn.Module) -> FullNet:
-    backbones = [m for m in model.modules() if isinstance(m, FullNet)]
-    if len(backbones) != 1:
-        raise ConfigError(
-            f"revcol.distributed.shard needs a module holding exactly one RevCol backbone (FullNet), found "
-            f"{len(backbones)} in {type(model).__name__}"
-        )
-    return backbones[0]
 
 
 def shard(
@@ -41,7 +31,7 @@ def shard(
     ``BF16_POLICY`` or a ``MixedPrecisionPolicy``. Call it after moving the model to its device and before
     building the optimizer. Returns ``model``, sharded in place.
     """
-    backbone = _backbone(model)
+    backbone = find_backbone(model, "revcol.distributed.shard")
     if isinstance(mixed_precision, bool):
         policy = BF16_POLICY if mixed_precision else MixedPrecisionPolicy()
     elif isinstance(mixed_precision, MixedPrecisionPolicy):

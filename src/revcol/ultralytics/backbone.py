@@ -1,7 +1,5 @@
-"""RevCol in Ultralytics: the backbone layer, what Ultralytics' safe load may restore, the wrappers of its functions.
-
-The YAML row that names a backbone is expanded by ``revcol.contract``; ``revcol.hooks`` installs the wrappers
-below (``register()``). Nothing here patches anything by itself (``docs/design.md``, section "YAML contract")."""
+"""``RevColBackbone``: the Ultralytics layer that a model-YAML RevCol row becomes (``revcol.ultralytics.yaml_rows``
+expands the row; ``docs/design.md``, section "YAML contract")."""
 
 from __future__ import annotations
 
@@ -10,7 +8,7 @@ from typing import Any
 
 from revcol.core.network import FullNet
 from revcol.core.param_groups import check_lr_decay
-from revcol.core.variants import get_variant
+from revcol.core.variants import VARIANTS, get_variant
 from revcol.errors import ConfigError
 from revcol.ultralytics.yaml_rows import (
     CUSTOM_NAME,
@@ -19,7 +17,7 @@ from revcol.ultralytics.yaml_rows import (
     custom_options_error,
     missing_custom_options,
 )
-from revcol.weights.pretrained import backbone_options, load_weights
+from revcol.weights.pretrained import PretrainedChoice, choose_pretrained, load_chosen
 
 
 class RevColBackbone(FullNet):
@@ -27,18 +25,24 @@ class RevColBackbone(FullNet):
 
     ``name`` is a variant of ``revcol.VARIANTS`` or ``"revcol"`` for a custom configuration given by
     ``channels``, ``layers`` and ``num_subnet`` in ``options``. Other options: ``pretrained`` (``true``, a
-    published tag or a checkpoint path, see ``revcol.variants.load_weights``), ``save_memory``,
-    ``drop_path``, ``kernel_size``. Returns the list ``[c0, c1, c2, c3]``.
+    published tag or a checkpoint path, as ``revcol.load_weights``), ``save_memory``, ``drop_path``,
+    ``kernel_size``, ``lr_decay``. Returns the list ``[c0, c1, c2, c3]``.
     """
 
     def __init__(self, name: str = "revcol_small", options: Mapping[str, Any] | None = None) -> None:
-        # what pretrained names is decided (and the kernel size it implies filled in) before anything is built
-        options = backbone_options(None if name == CUSTOM_NAME else name, options)
+        variant = None if name == CUSTOM_NAME else name
+        options = dict(options or {})
+        choice = PretrainedChoice()
+        if variant is None or variant in VARIANTS:  # an unknown name is reported by get_variant, with the known ones
+            # what pretrained names, and the kernel size it implies, is decided before anything is built
+            choice = choose_pretrained(variant, options.get("pretrained"), options.get("kernel_size"))
+            if choice.kernel_size is not None:
+                options["kernel_size"] = choice.kernel_size
         allowed = CUSTOM_OPTIONS if name == CUSTOM_NAME else VARIANT_OPTIONS
         unknown = sorted(set(options) - allowed)
         if unknown:
             raise ConfigError(f"unknown option(s) {unknown} for RevCol backbone {name!r}; allowed: {sorted(allowed)}")
-        pretrained = options.pop("pretrained", None)
+        options.pop("pretrained", None)
         lr_decay = check_lr_decay(options.pop("lr_decay", None))  # read by the RevCol trainers
         if name == CUSTOM_NAME:
             missing = missing_custom_options(options)
@@ -50,4 +54,4 @@ class RevColBackbone(FullNet):
         super().__init__(**config)
         self.variant = name
         self.lr_decay = lr_decay
-        load_weights(self, None if name == CUSTOM_NAME else name, pretrained)
+        load_chosen(self, choice)

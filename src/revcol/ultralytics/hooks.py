@@ -6,7 +6,9 @@ paths, so this module imports neither Ultralytics nor the modules that wrap it u
 
 * ``register``: what ``import revcol`` installs (``register()``) until ``unregister()``;
 * ``offline``: what ``revcol.demo.offline()`` and the ``revcol`` command with ``YOLO_OFFLINE`` hold for a block;
-* ``cli``: what the ``revcol`` command holds while Ultralytics' own entry point runs.
+* ``cli``: what the ``revcol`` command holds while Ultralytics' own entry point runs;
+* ``save``: attributes of one trainer (``instance=``), held while its ``save_model`` runs;
+* ``denoising``: an attribute of one RT-DETR decoder (``instance=``), held while the demo trains it.
 
 One mechanism for all: under one lock, each attribute's previous value (from the owner's ``__dict__``, or its
 absence) is kept and put back by identity; a group already in effect is not applied twice (``register``) or is
@@ -21,12 +23,12 @@ import contextlib
 import functools
 import importlib
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REGISTER, OFFLINE, CLI = "register", "offline", "cli"
+REGISTER, OFFLINE, CLI, SAVE, DENOISING = "register", "offline", "cli", "save", "denoising"
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class Hook:
     static: bool = False  # the original is a classmethod: install the (guarded) replacement as a staticmethod
     optional: bool = False  # absent on some supported Ultralytics release: skipped there
     guard: bool = True  # False for plain values (a flag, a class), which are set and restored as they are
+    instance: bool = False  # owner is a class: the attribute is that of its one instance applied as instance=
 
 
 TASKS = "ultralytics.nn.tasks"
@@ -60,7 +63,7 @@ HOOKS: tuple[Hook, ...] = (
     Hook("ultralytics.engine.model:Model", "_smart_load", f"{TRAINERS}:wrap_smart_load",
          "a RevCol model trains with a revcol.trainers class, which a DDP worker imports"),
     Hook(TRAINER, "build_optimizer", f"{TRAINERS}:wrap_build_optimizer",
-         "no weight decay on alphas and gammas; the layer-wise lr decay"),
+         "no weight decay on alphas and gammas; the layer-wise lr decay (param groups added to its optimizer)"),
     Hook(TRAINER, "get_model", f"{TRAINERS}:wrap_get_model",
          "a model about to get trained weights is built without its pretrained file",
          subclasses="ultralytics.models"),
@@ -83,6 +86,13 @@ HOOKS: tuple[Hook, ...] = (
          guard=False),
     Hook("ultralytics.engine.model", "ARGV", f"{OURS}:yolo_argv", "its copy: `yolo predict` saves by default",
          group=CLI, guard=False),
+    Hook(TRAINER, "last", f"{TRAINERS}:atomic_path", "save_model writes last.pt through it: atomically",
+         group=SAVE, guard=False, instance=True),
+    Hook(TRAINER, "best", f"{TRAINERS}:atomic_path", "the same for best.pt", group=SAVE, guard=False, instance=True),
+    Hook(TRAINER, "wdir", f"{TRAINERS}:atomic_path", "the same for the save_period files, wdir / epoch<N>.pt",
+         group=SAVE, guard=False, instance=True),
+    Hook("ultralytics.nn.modules.head:RTDETRDecoder", "num_denoising", f"{OURS}:given",
+         "the demo's short CPU training: fewer denoising queries", group=DENOISING, guard=False, instance=True),
 )  # fmt: skip
 
 
@@ -90,13 +100,20 @@ HOOKS: tuple[Hook, ...] = (
 
 
 def backbone_class(original: Any) -> type:
+    """The RevCol layer class, under the name an expanded YAML row gives it."""
     from revcol.ultralytics.backbone import RevColBackbone
 
     return RevColBackbone
 
 
 def false(original: Any) -> bool:
+    """False, whatever the flag was."""
     return False
+
+
+def given(original: Any, *, value: Any) -> Any:
+    """The ``value`` the group was applied with."""
+    return value
 
 
 def yolo_argv(original: Any, *, args: tuple[str, ...]) -> list[str]:
@@ -155,9 +172,14 @@ def subclasses_in(cls: type, package: str) -> list[type]:
     return sorted(found, key=lambda c: c.__qualname__)
 
 
-def owners(hook: Hook) -> list[Any]:
-    """The objects whose attribute ``hook.name`` is replaced: the owner, and with ``subclasses`` its subclasses."""
+def owners(hook: Hook, instance: Any = None) -> list[Any]:
+    """The objects whose attribute ``hook.name`` is replaced: the owner, and with ``subclasses`` its subclasses;
+    for an ``instance`` hook, ``instance`` (an instance of the owner)."""
     owner = resolve(hook.owner)
+    if hook.instance:
+        if not isinstance(instance, owner):
+            raise TypeError(f"revcol hook {hook.owner}.{hook.name} applies to an instance of it, not {instance!r}")
+        return [instance]
     if hook.subclasses:
         return [cls for cls in subclasses_in(owner, hook.subclasses) if hook.name in vars(cls)]
     return [owner] if not hook.optional or hook.name in vars(owner) else []
@@ -189,7 +211,12 @@ class _Group:
 
 
 _lock = threading.RLock()
-_active: dict[str, _Group] = {}
+_active: dict[Hashable, _Group] = {}
+
+
+def _key(group_name: str, context: Mapping[str, Any]) -> Hashable:
+    """A group of instance attributes is applied once per instance, any other group once per process."""
+    return (group_name, id(context["instance"])) if "instance" in context else group_name
 
 
 def _guarded(switch: _Switch, original: Callable, replacement: Callable) -> Callable:
@@ -202,12 +229,13 @@ def _guarded(switch: _Switch, original: Callable, replacement: Callable) -> Call
 
 def _apply(group_name: str, context: Mapping[str, Any]) -> _Group:
     group = _Group(context=dict(context))
+    arguments = {name: value for name, value in context.items() if name != "instance"}
     try:
         for hook in (h for h in HOOKS if h.group == group_name):
             make = resolve(hook.make)
-            for owner in owners(hook):
+            for owner in owners(hook, context.get("instance")):
                 original = getattr(owner, hook.name) if hook.guard else getattr(owner, hook.name, None)
-                value = make(original, **group.context)
+                value = make(original, **arguments)
                 if hook.guard:
                     value = _guarded(group.switch, original, value)
                 if hook.static:
@@ -248,6 +276,7 @@ def restore(group_name: str = REGISTER) -> None:
 
 
 def is_applied(group_name: str = REGISTER) -> bool:
+    """Whether the process-wide group ``group_name`` is in effect."""
     with _lock:
         return group_name in _active
 
@@ -255,11 +284,13 @@ def is_applied(group_name: str = REGISTER) -> bool:
 @contextlib.contextmanager
 def applied(group_name: str, **context: Any) -> Iterator[None]:
     """``group_name``'s hooks for the duration of the block. Overlapping blocks (any thread) share one application,
-    so they must agree on ``context``; the first to enter applies it, the last to leave restores it."""
+    so they must agree on ``context``; the first to enter applies it, the last to leave restores it. A group of
+    instance attributes takes the instance as ``instance=``; blocks on different instances are independent."""
+    key = _key(group_name, context)
     with _lock:
-        group = _active.get(group_name)
+        group = _active.get(key)
         if group is None:
-            group = _active[group_name] = _apply(group_name, context)
+            group = _active[key] = _apply(group_name, context)
         elif group.context != context:
             raise RuntimeError(f"revcol hooks {group_name!r} are in effect with {group.context}, not {context}")
         group.users += 1
@@ -268,8 +299,8 @@ def applied(group_name: str, **context: Any) -> Iterator[None]:
     finally:
         with _lock:
             group.users -= 1
-            if group.users == 0 and _active.get(group_name) is group:
-                del _active[group_name]
+            if group.users == 0 and _active.get(key) is group:
+                del _active[key]
                 _restore(group)
 
 
@@ -278,7 +309,7 @@ def register() -> None:
 
     Refuses an Ultralytics outside the range revcol's package metadata declares. torch's weights-only allow-list is
     left as it is: the RevCol classes are allowed only while Ultralytics' restricted load (``ULTRALYTICS_SAFE_LOAD``)
-    runs, see ``revcol.integration.checkpoint_classes_allowed``.
+    runs, see ``revcol.ultralytics.safe_load.checkpoint_classes_allowed``.
     """
     with _lock:
         if is_applied(REGISTER):

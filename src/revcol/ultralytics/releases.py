@@ -1,7 +1,7 @@
-"""RevCol in Ultralytics: the backbone layer, what Ultralytics' safe load may restore, the wrappers of its functions.
+"""Which Ultralytics releases revcol supports, and the release each head of a model YAML needs.
 
-The YAML row that names a backbone is expanded by ``revcol.contract``; ``revcol.hooks`` installs the wrappers
-below (``register()``). Nothing here patches anything by itself (``docs/design.md``, section "YAML contract")."""
+The supported range is read from revcol's package metadata (``pyproject.toml``); ``HEADS_SINCE`` is the one table
+of heads that not every release has. ``revcol info`` and the docs print both from here."""
 
 from __future__ import annotations
 
@@ -9,9 +9,7 @@ import importlib.metadata
 import re
 
 from revcol.errors import ConfigError
-from revcol.ultralytics.yaml_rows import (
-    head_modules,
-)
+from revcol.ultralytics.yaml_rows import head_modules
 
 
 def supported_ultralytics() -> str:
@@ -27,9 +25,32 @@ def supported_ultralytics() -> str:
     raise RuntimeError(f"revcol's metadata names no Ultralytics version range: {requirements}")
 
 
-# Heads that Ultralytics added after the oldest release revcol supports, and the release that added each: a RevCol
-# model naming one on an older release gets that version in the error rather than Ultralytics' bare KeyError.
+# Heads that Ultralytics added during its 8.4 series, and the release that added each: a RevCol model naming one on
+# an older release gets that version in the error rather than Ultralytics' bare KeyError. A release below the
+# supported floor (see ``head_release``) is kept as Ultralytics published it.
 HEADS_SINCE = {"SemanticSegment": "8.4.52", "Depth": "8.4.104"}
+
+
+def supported_range() -> str:
+    """``supported_ultralytics()`` written lower bound first, as in ``pyproject.toml`` (e.g. ``>=8.4.67,<9``)."""
+    return ",".join(sorted(supported_ultralytics().split(","), key=lambda spec: not spec.startswith(">")))
+
+
+def supported_floor() -> str:
+    """The oldest supported Ultralytics release (the ``>=`` bound of ``supported_ultralytics()``)."""
+    match = re.search(r">=\s*([\d.]+)", supported_ultralytics())
+    if match is None:
+        raise RuntimeError(f"revcol's Ultralytics range {supported_ultralytics()!r} has no >= floor")
+    return match.group(1)
+
+
+def head_release(name: str) -> str:
+    """The oldest supported Ultralytics release that has head ``name``: its ``HEADS_SINCE`` entry or the floor."""
+    floor = supported_floor()
+    since = HEADS_SINCE.get(name)
+    if since is None:
+        return floor
+    return max(since, floor, key=lambda version: tuple(int(part) for part in version.split(".")))
 
 
 def check_heads(d: dict) -> None:

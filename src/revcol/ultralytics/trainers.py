@@ -1,10 +1,10 @@
 """What every Ultralytics trainer does differently for a model with a RevCol backbone (``docs/design.md``).
 
-``revcol.hooks`` installs the wrappers below on Ultralytics' trainers, so Ultralytics' own, the RevCol ones and
-any user subclass of them
+``revcol.ultralytics.hooks`` installs the wrappers below on Ultralytics' trainers, so Ultralytics' own, the RevCol
+ones and any user subclass of them
 
 * keep column alphas, layer-scale gammas and norms out of weight decay,
-* apply the backbone's layer-wise lr decay (option ``lr_decay``, see ``revcol.lr_decay``),
+* apply the backbone's layer-wise lr decay (option ``lr_decay``, see ``revcol.core.param_groups``),
 * build a model that is about to receive trained weights without its ``pretrained`` option, and
 * write ``last.pt`` and ``best.pt`` atomically.
 
@@ -31,10 +31,9 @@ from ultralytics.engine.trainer import BaseTrainer
 from ultralytics.nn.tasks import yaml_model_load
 
 from revcol._atomic import replace_atomically, write_atomically
-from revcol.core.blocks import ConvNextBlock
-from revcol.core.network import FullNet, SubNet
-from revcol.core.param_groups import check_lr_decay, lr_scale
-from revcol.ultralytics.hooks import subclasses_in
+from revcol.core.network import FullNet, find_backbones
+from revcol.core.param_groups import check_lr_decay, exempt_from_weight_decay, lr_scale
+from revcol.ultralytics import hooks
 from revcol.ultralytics.releases import check_heads
 from revcol.ultralytics.yaml_rows import names_revcol_backbone, without_pretrained
 
@@ -47,13 +46,12 @@ def no_decay_parameters(model: nn.Module) -> list[nn.Parameter]:
 
     Norm weights need nothing here: Ultralytics already puts every ``*Norm*`` module's weight in its no-decay group.
     """
-    params = []
-    for module in model.modules():
-        if isinstance(module, SubNet):
-            params += module.alphas
-        elif isinstance(module, ConvNextBlock):
-            params.append(module.gamma)
-    return params
+    return [
+        p
+        for backbone in find_backbones(model)
+        for name, p in backbone.named_parameters()
+        if exempt_from_weight_decay(name)  # the rule timm's RevColClassifier.no_weight_decay follows too
+    ]
 
 
 def exclude_from_weight_decay(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:
@@ -65,6 +63,8 @@ def exclude_from_weight_decay(optimizer: torch.optim.Optimizer, params: list[nn.
         taken = [p for p in group["params"] if id(p) in moving]
         group["params"] = [p for p in group["params"] if id(p) not in moving]
         settings = {k: v for k, v in group.items() if k != "params"}
+        # Keys of Ultralytics' groups (the build_optimizer hook's contract): its trainer sets the weight decay of the
+        # "weight" and "muon" groups again after an OOM retry, and MuSGD orthogonalises "use_muon" groups.
         settings.update(weight_decay=0.0, param_group="revcol_no_decay")
         if "use_muon" in settings:
             settings["use_muon"] = False
@@ -109,7 +109,8 @@ def configure_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> N
 
 
 def uses_revcol(model: object) -> bool:
-    return isinstance(model, nn.Module) and any(isinstance(m, SubNet) for m in model.modules())
+    """Whether ``model`` is a module holding a RevCol backbone."""
+    return bool(find_backbones(model))
 
 
 def wrap_build_optimizer(build_optimizer: Callable) -> Callable:
@@ -153,7 +154,7 @@ class RevColTrainerMixin:
 
 def ultralytics_trainers() -> list[type]:
     """Every trainer class Ultralytics defines: ``BaseTrainer`` and its subclasses in ``ultralytics``."""
-    return subclasses_in(BaseTrainer, TRAINER_PACKAGE)
+    return hooks.subclasses_in(BaseTrainer, TRAINER_PACKAGE)
 
 
 _made: dict[type, type] = {}
@@ -248,32 +249,33 @@ def _is_ultralytics_trainer(cls: Any) -> bool:
     )
 
 
-ATOMIC_TRAINER_PATHS = ("last", "best", "wdir")  # the trainer's paths that save_model writes to (or under)
+# The trainer's paths that save_model writes to (or under): the ``save`` group of revcol.ultralytics.hooks.HOOKS.
+ATOMIC_TRAINER_PATHS = tuple(hook.name for hook in hooks.HOOKS if hook.group == hooks.SAVE)
 
 
 def wrap_save_model(save_model: Callable) -> Callable:
     """``BaseTrainer.save_model`` that, for a RevCol model, writes ``last.pt``, ``best.pt``, ``epoch<N>.pt`` atomically.
 
     Ultralytics writes them with ``Path.write_bytes`` in place, so a kill during the write leaves a truncated file.
-    For the duration of the call the trainer's ``last``, ``best`` and ``wdir`` (whose children are the
-    ``save_period`` files) are paths whose ``write_bytes`` writes a temporary file in the same folder, syncs it and
-    renames it over the target, so the previous file stays whole until the new one is complete.
+    For the duration of the call the ``save`` group of the hook table makes the trainer's ``last``, ``best`` and
+    ``wdir`` (whose children are the ``save_period`` files) ``AtomicPath``s, whose ``write_bytes`` writes a temporary
+    file in the same folder, syncs it and renames it over the target, so the previous file stays whole until the
+    new one is complete.
     """
 
     @functools.wraps(save_model)
     def wrapper(self, *args, **kwargs):
         if not uses_revcol(getattr(self, "model", None)):
             return save_model(self, *args, **kwargs)
-        paths = {name: getattr(self, name) for name in ATOMIC_TRAINER_PATHS}
-        for name, path in paths.items():
-            setattr(self, name, AtomicPath(path))
-        try:
+        with hooks.applied(hooks.SAVE, instance=self):
             return save_model(self, *args, **kwargs)
-        finally:
-            for name, path in paths.items():
-                setattr(self, name, path)
 
     return wrapper
+
+
+def atomic_path(path: Path) -> AtomicPath:
+    """``path`` as an ``AtomicPath``: the replacement the ``save`` hooks install for the trainer's paths."""
+    return AtomicPath(path)
 
 
 class AtomicPath(type(Path())):

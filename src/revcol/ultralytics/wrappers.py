@@ -1,7 +1,8 @@
 """RevCol in Ultralytics: the backbone layer, what Ultralytics' safe load may restore, the wrappers of its functions.
 
-The YAML row that names a backbone is expanded by ``revcol.contract``; ``revcol.hooks`` installs the wrappers
-below (``register()``). Nothing here patches anything by itself (``docs/design.md``, section "YAML contract")."""
+The YAML row that names a backbone is expanded by ``revcol.ultralytics.yaml_rows``; ``revcol.ultralytics.hooks``
+installs the wrappers below (``register()``). Nothing here patches anything by itself (``docs/design.md``, section
+"YAML contract")."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from revcol.ultralytics.yaml_rows import (
 
 
 def wrap_parse_model(parse_model: Callable) -> Callable:
-    """``parse_model`` on the expanded model dict (``revcol.contract.expand_backbone``)."""
+    """``parse_model`` on the expanded model dict (``yaml_rows.expand_backbone``)."""
 
     @functools.wraps(parse_model)
     def wrapper(d, ch, verbose=True):

@@ -2,13 +2,8 @@
 
 Plain functions on the model dict, with no Ultralytics import, so every module that needs the contract
 (the backbone layer, the trainer hooks, the hook table) reads it from here and none imports another back.
-The RevCol row ``[-1, 1, revcol_small, [{options}]]`` expands into five layers before Ultralytics parses the dict:
-
-    0  RevColBackbone   the backbone, returns [c0, c1, c2, c3]
-    1  Index 0          stride 4
-    2  Index 1          stride 8  (P3)
-    3  Index 2          stride 16 (P4)
-    4  Index 3          stride 32 (P5)
+The RevCol row ``[-1, 1, revcol_small, [{options}]]`` expands into the layers of ``LAYOUT`` before Ultralytics
+parses the dict: the backbone, then one ``Index`` per level. ``OPTIONS`` are what the row may set.
 """
 
 from __future__ import annotations
@@ -16,7 +11,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from revcol.core.variants import VARIANTS, get_variant
 from revcol.errors import ConfigError
@@ -24,11 +19,60 @@ from revcol.errors import ConfigError
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 CUSTOM_NAME = "revcol"
 BACKBONE_NAMES = frozenset({CUSTOM_NAME, *VARIANTS})
-LAYER_NAME = "RevColBackbone"  # the Ultralytics layer the row becomes (revcol.integration.RevColBackbone)
-BACKBONE_LAYERS = 5  # the backbone module and one Index per level
-VARIANT_OPTIONS = frozenset({"pretrained", "save_memory", "drop_path", "kernel_size", "lr_decay"})
-CUSTOM_REQUIRED = ("channels", "layers", "num_subnet")
-CUSTOM_OPTIONS = VARIANT_OPTIONS | {*CUSTOM_REQUIRED, "level0_from_coarsest"}
+LAYER_NAME = "RevColBackbone"  # the Ultralytics layer the row becomes (revcol.ultralytics.backbone.RevColBackbone)
+LEVEL_STRIDES = (4, 8, 16, 32)  # of the backbone's outputs c0..c3, one per level
+
+
+class Layer(NamedTuple):
+    """One layer of the expanded row: its index in the model, its module, what it outputs."""
+
+    index: int
+    module: str
+    output: str
+
+
+# Layer 0 returns every level; layer l + 1 picks level l (Ultralytics' P<k> is the map at stride 2**k).
+LAYOUT: tuple[Layer, ...] = (
+    Layer(0, LAYER_NAME, "the list [c0, c1, c2, c3] (only the Index layers read it)"),
+    *(
+        Layer(level + 1, f"Index {level}", f"stride {s} (P{s.bit_length() - 1})")
+        for level, s in enumerate(LEVEL_STRIDES)
+    ),
+)
+BACKBONE_LAYERS = len(LAYOUT)
+LAYOUT_TEXT = "RevCol backbone layers: " + ", ".join(
+    f"{layer.index} {'backbone (list)' if layer.index == 0 else layer.output.split(' (')[0]}" for layer in LAYOUT
+)
+
+
+class Option(NamedTuple):
+    """An option of a RevCol row: its name, whether only a custom ``revcol`` row takes it (and must), its meaning."""
+
+    name: str
+    custom: bool
+    required: bool
+    meaning: str
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "pretrained",
+        False,
+        False,
+        "`true` (the variant's default tag), a published tag, or a checkpoint path; loaded when the model is built",
+    ),
+    Option("save_memory", False, False, "`true`/`false`: the reversible backward, or plain autograd"),
+    Option("drop_path", False, False, "stochastic-depth rate in [0, 1); a variant's default is its paper rate"),
+    Option("kernel_size", False, False, "odd depthwise kernel size; a `pretrained` file may fix it"),
+    Option("lr_decay", False, False, "layer-wise lr decay in (0, 1] for the RevCol trainers; 1 or absent: none"),
+    Option("channels", True, True, "4 ints: the widths of levels 0-3"),
+    Option("layers", True, True, "4 ints: the blocks of levels 0-3"),
+    Option("num_subnet", True, True, "the number of columns"),
+    Option("level0_from_coarsest", True, False, "`true`: level 0 also reads level 3, as in `revcol_huge`"),
+)
+VARIANT_OPTIONS = frozenset(option.name for option in OPTIONS if not option.custom)
+CUSTOM_REQUIRED = tuple(option.name for option in OPTIONS if option.required)
+CUSTOM_OPTIONS = frozenset(option.name for option in OPTIONS)
 CUSTOM_EXAMPLE = "{channels: [16, 32, 64, 128], layers: [1, 1, 1, 1], num_subnet: 2}"
 
 
@@ -139,7 +183,7 @@ def _parse_options(name: str, args: Any) -> dict:
 
 def _check_sources(rows: list) -> None:
     """Every 'from' index must name an earlier layer; layer 0 (the list output) only feeds the Index rows."""
-    layout = "RevCol backbone layers: 0 backbone (list), 1 stride 4, 2 stride 8, 3 stride 16, 4 stride 32"
+    layout = LAYOUT_TEXT
     for i, row in enumerate(rows[BACKBONE_LAYERS:], start=BACKBONE_LAYERS):
         for source in row[0] if isinstance(row[0], list) else [row[0]]:
             if not isinstance(source, int) or not -i <= source < i:

@@ -1,17 +1,11 @@
-"""The authors' published weights: the table, torch's hub cache, downloading, and what ``pretrained=`` means.
+"""The authors' published weights as data: each file's variant, tag, name, training and published scores.
 
-Nothing here touches the network until ``download`` (or ``resolve``) is called for a file that is not cached.
-How downloads stay bounded and leave nothing behind: ``docs/reliability.md``."""
+``WEIGHTS`` and ``DEFAULT_TAGS`` are the one place these facts live; ``revcol info`` and the tables of the docs
+(``docs/generate.py``) are printed from them. Downloading is ``revcol.weights.cache``'s."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-try:
-    import fcntl
-except ImportError:  # Windows: an open file cannot be deleted there, which is all the sweep needs
-    fcntl = None
-
 
 PRIMARY_BASE = "https://github.com/megvii-research/RevCol/releases/download/checkpoint/"
 
@@ -73,6 +67,9 @@ class PublishedWeights:
         return self.folder != "classification"
 
 
+_IN22K = "ImageNet-22k pretraining"
+
+
 _COCO = "COCO detection, Cascade Mask R-CNN 3x (mmdetection)"
 
 
@@ -97,17 +94,27 @@ _PUBLISHED = (
     PublishedWeights("revcol_tiny", "in1k", "revcol_tiny_1k.pth", 224, 82.2, 1000, params_m=30),
     PublishedWeights("revcol_small", "in1k", "revcol_small_1k.pth", 224, 83.5, 1000, params_m=60),
     PublishedWeights("revcol_base", "in1k", "revcol_base_1k.pth", 224, 84.1, 1000, params_m=138),
-    PublishedWeights("revcol_base", "in22k", "revcol_base_22k.pth", 224, None, 21841, params_m=138),
+    PublishedWeights("revcol_base", "in22k", "revcol_base_22k.pth", 224, None, 21841, trained_for=_IN22K, params_m=138),
     PublishedWeights("revcol_base", "in22k_ft_in1k", "revcol_base_22k_1kft_224.pth", 224, 85.6, 1000, params_m=138),
     PublishedWeights("revcol_base", "in22k_ft_in1k_384", "revcol_base_22k_1kft_384.pth", 384, 86.7, 1000, params_m=138),
-    PublishedWeights("revcol_large", "in22k", "revcol_large_22k.pth", 224, None, 21841, params_m=273),
+    PublishedWeights(
+        "revcol_large", "in22k", "revcol_large_22k.pth", 224, None, 21841, trained_for=_IN22K, params_m=273
+    ),
     PublishedWeights("revcol_large", "in22k_ft_in1k", "revcol_large_22k_1kft_224.pth", 224, 86.6, 1000, params_m=273),
     PublishedWeights(
         "revcol_large", "in22k_ft_in1k_384", "revcol_large_22k_1kft_384.pth", 384, 87.6, 1000, params_m=273
     ),
     # RevCol-H: pretrained on the authors' MegData-168M (number of classes not published), fine-tuned at 640 px.
     PublishedWeights(
-        "revcol_huge", "megdata", "revcol_huge_megdata.pth", 224, None, None, in_release=False, params_m=2100
+        "revcol_huge",
+        "megdata",
+        "revcol_huge_megdata.pth",
+        224,
+        None,
+        None,
+        in_release=False,
+        trained_for="MegData-168M pretraining",
+        params_m=2100,
     ),
     PublishedWeights(
         "revcol_huge", "megdata_ft_in1k", "revcol_huge_megdata_in1k.pth", 640, 90.0, 1000, False, params_m=2100

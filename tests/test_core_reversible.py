@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from revcol_helpers import (
+    TINY_CONFIG,
     assert_close_per_tensor,
     count_nonzero_grads,
     make_input,
@@ -345,7 +346,7 @@ def test_optimizer_step_after_backward_is_fine():
 def test_switching_to_eval_between_forward_and_backward_keeps_gradients_exact():
     """The recompute runs in the forward's train mode (drop-path masks included), not the current one."""
     torch.manual_seed(0)
-    model = revcol.FullNet([8, 16, 24, 32], [1, 1, 1, 1], 2, drop_path=0.5).double().train()
+    model = revcol.FullNet(**TINY_CONFIG, drop_path=0.5).double().train()
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     grads = {}
     for save_memory in (False, True):

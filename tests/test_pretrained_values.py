@@ -1,111 +1,74 @@
-"""The authors' COCO and ADE20K weights (and the k7-padded RevCol-H) by tag, and "no published weights" decided
-before anything is built (issue #18 item 3, issue #19 item 7).
+"""What a ``pretrained=`` value names, and loading it (revcol.weights.pretrained): ``choose_pretrained`` decides, from
+the table alone and before anything is built, a published file or a path and the kernel size that implies;
+``load_chosen`` loads it. Every entry point takes that one path: ``build_variant``, a model-YAML row
+(``RevColBackbone``), timm, and ``revcol download`` for the published files.
 
-The real files are gigabytes on the authors' Hugging Face repository; here a small fake variant has files in the
-same layouts (mmdetection's and mmsegmentation's ``{"meta": ..., "state_dict": {"backbone.*": ...}}``), served by
-a local server on 127.0.0.1.
+The authors' downstream files (COCO, ADE20K, the k7-padded RevCol-H) are gigabytes; here a small fake variant has
+files in the same layouts (mmdetection's and mmsegmentation's ``{"meta": ..., "state_dict": {"backbone.*": ...}}``),
+served by a local server on 127.0.0.1. The ImageNet files: test_weights_published.py; downloads: test_weights_cache.py.
 """
 
 from __future__ import annotations
 
 import io
-import os
 import socket
 import warnings
+from pathlib import Path
 
-import numpy as np
 import pytest
+import safetensors.torch
 import timm
 import torch
 import yaml
-from revcol_helpers import TINY_CHANNELS, TINY_RTDETR_YAML, WeightsServer, make_net
+from revcol_helpers import TINY_CHANNELS, TINY_RTDETR_YAML, WeightsServer, assert_same_weights, make_net
 
 import revcol
 from revcol import CheckpointError, ConfigError, FullNet, VariantSpec, timm_models
 from revcol.checkpoints.backbone import read_backbone
 from revcol.ultralytics import yaml_rows as contract
 from revcol.weights import cache as weights_cache
-from revcol.weights.pretrained import pretrained_kernel_size
-from revcol.weights.published import DEFAULT_TAGS, MIRROR_ROOT, WEIGHTS, PublishedWeights
+from revcol.weights import pretrained
+from revcol.weights.pretrained import PretrainedChoice, choose_pretrained, load_chosen, pretrained_kernel_size
+from revcol.weights.published import DEFAULT_TAGS, WEIGHTS, PublishedWeights
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
-# The authors' Detection/README.md and Segmentation/README.md: tag -> file, folder, results, kernel size.
 COCO = "COCO detection, Cascade Mask R-CNN 3x (mmdetection)"
 ADE = "ADE20K segmentation, UperNet 160k (mmsegmentation)"
-EXPECTED = {
-    ("revcol_tiny", "in1k_ft_coco"): ("cmr_tiny_3x_in1k_AP508.pth", COCO, {"box AP": 50.8, "mask AP": 44.0}, 3),
-    ("revcol_small", "in1k_ft_coco"): ("cmr_revcol_small_3x_in1k.pth", COCO, {"box AP": 52.6, "mask AP": 45.5}, 3),
-    ("revcol_base", "in1k_ft_coco"): ("cmr_base_3x_in1k.pth", COCO, {"box AP": 53.0, "mask AP": 45.9}, 3),
-    ("revcol_base", "in22k_ft_coco"): ("cmr_base_3x_in22k_AP55.pth", COCO, {"box AP": 55.0, "mask AP": 47.5}, 3),
-    ("revcol_large", "in22k_ft_coco"): ("cmr_large_3x_in22k_AP559.pth", COCO, {"box AP": 55.9, "mask AP": 48.4}, 3),
-    ("revcol_tiny", "in1k_ft_ade20k"): (
-        "upernet_revcol_tiny_fp16_512x512_160k_ade20k.pth",
-        ADE,
-        {"mIoU": 47.4, "mIoU ms+flip": 47.6},
-        3,
-    ),
-    ("revcol_small", "in1k_ft_ade20k"): (
-        "upernet_revcol_small_fp16_512x512_160k_ade20k.pth",
-        ADE,
-        {"mIoU": 47.9, "mIoU ms+flip": 49.0},
-        3,
-    ),
-    ("revcol_base", "in1k_ft_ade20k"): (
-        "upernet_revcol_base_512x512_160k_ade20k.pth",
-        ADE,
-        {"mIoU": 49.0, "mIoU ms+flip": 50.1},
-        3,
-    ),
-    ("revcol_base", "in22k_ft_ade20k"): (
-        "upernet_revcol_base_640x640_160k_ade20k.pth",
-        ADE,
-        {"mIoU": 52.7, "mIoU ms+flip": 53.3},
-        3,
-    ),
-    ("revcol_large", "in22k_ft_ade20k"): (
-        "upernet_revcol_large_fp16_640x640_160k_ade20k.pth",
-        ADE,
-        {"mIoU": 53.4, "mIoU ms+flip": 53.7},
-        3,
-    ),
-    ("revcol_huge", "megdata_ft_ade20k"): (
-        "upernet_revcol_huge_fp16_640x640_160k_ade20k.pth",
-        ADE,
-        {"mIoU": 57.8, "mIoU ms+flip": 58.0},
-        7,
-    ),
-    ("revcol_huge", "megdata_k7"): (
-        "revcol_huge_k7padded.pth",
-        "MegData-168M pretraining, depthwise kernels padded to 7x7 afterwards",
-        {},
-        7,
-    ),
-}
 
 
-def test_the_table_holds_every_downstream_file_of_the_authors():
-    table = {
-        (e.variant, e.tag): (e.filename, e.trained_for, dict(e.scores), e.kernel_size)
-        for tags in WEIGHTS.values()
-        for e in tags.values()
-        if e.is_downstream
-    }
-    assert table == EXPECTED
+# --------------------------------------------------------------------------- the decision
 
 
-def test_downstream_files_come_from_their_folders_on_the_mirror(monkeypatch):
-    monkeypatch.delenv(weights_cache.URL_ENV, raising=False)
-    for (variant, tag), (filename, trained_for, _, _) in EXPECTED.items():
-        entry = WEIGHTS[variant][tag]
-        folder = "detection" if trained_for == COCO else "segmentation"
-        url = f"{MIRROR_ROOT}{folder}/{filename}"
-        assert url.startswith("https://huggingface.co/LarryTsai/RevCol/resolve/main/revcol_models/")
-        assert not entry.in_release and entry.url == entry.mirror_url == url
-        assert weights_cache.candidate_urls(entry) == [url]
-        assert entry.num_classes is None and entry.top1 is None  # no classifier in these files
-    for tag in DEFAULT_TAGS.values():  # pretrained=True stays an ImageNet classifier
-        assert not any(e.is_downstream and e.tag == tag for tags in WEIGHTS.values() for e in tags.values())
+@pytest.mark.usefixtures("no_network")
+def test_choose_pretrained_names_nothing_a_published_file_or_a_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert choose_pretrained("revcol_tiny", None, 5) == PretrainedChoice(kernel_size=5)
+    assert choose_pretrained("revcol_tiny", False) == PretrainedChoice()
+    default = WEIGHTS["revcol_tiny"][DEFAULT_TAGS["revcol_tiny"]]
+    assert choose_pretrained("revcol_tiny", True) == PretrainedChoice(entry=default, kernel_size=3)
+    k7 = WEIGHTS["revcol_huge"]["megdata_k7"]
+    assert choose_pretrained("revcol_huge", "megdata_k7", 7) == PretrainedChoice(entry=k7, kernel_size=7)
+    assert choose_pretrained(None, "~/w.pth", 5) == PretrainedChoice(path=tmp_path / "w.pth", kernel_size=5)
+    assert choose_pretrained("revcol_tiny", Path("in1k")) == PretrainedChoice(path=Path("in1k"))  # a Path: a file
+    with pytest.raises(CheckpointError, match="no published weights exist for a custom RevCol configuration"):
+        choose_pretrained(None, True)
+
+
+def test_load_chosen_loads_through_the_given_loader_and_nothing_for_nothing(source, target, tmp_path):
+    def never(model, path):
+        raise AssertionError(f"nothing is to be loaded, yet {path} was")
+
+    assert load_chosen(target, PretrainedChoice(kernel_size=7), never) is None
+    path = tmp_path / "w.pth"
+    torch.save(source.state_dict(), path)
+    calls = []
+    assert load_chosen(target, PretrainedChoice(path=path), lambda m, p: calls.append((m, p)) or "done") == "done"
+    assert calls == [(target, path)]
+    result = load_chosen(target, choose_pretrained(None, str(path)))  # default loader: load_pretrained
+    assert sorted(result.loaded) == sorted(source.state_dict())
+    assert_same_weights(target, source)
 
 
 def test_the_k7_tags_imply_kernel_size_7_without_building_or_the_network():
@@ -117,9 +80,29 @@ def test_the_k7_tags_imply_kernel_size_7_without_building_or_the_network():
         pretrained_kernel_size("revcol_huge", "megdata_k7", 3)
 
 
-# --------------------------------------------------------------------------- files in the authors' layouts
+# --------------------------------------------------------------------------- a path, through every entry point
 
-FAKE = "fake_revcol_downstream"  # not revcol*: timm keeps registrations, and test_timm lists revcol* models
+
+def test_build_variant_with_pretrained(source, tmp_path, monkeypatch):
+    monkeypatch.setitem(revcol.VARIANTS, "revcol_test", VariantSpec(TINY_CHANNELS, (1, 1, 1, 1), 2, 0.1))
+    path = tmp_path / "w.pth"
+    torch.save({"model": source.state_dict()}, path)
+    model = revcol.build_variant("revcol_test", pretrained=path)
+    assert_same_weights(model, source)
+
+
+def test_build_variant_and_yaml_option_read_safetensors(source, tmp_path, monkeypatch):
+    monkeypatch.setitem(revcol.VARIANTS, "revcol_test", VariantSpec(TINY_CHANNELS, (1, 1, 1, 1), 2, 0.1))
+    path = tmp_path / "w.safetensors"
+    safetensors.torch.save_file(source.state_dict(), path)
+    assert_same_weights(revcol.build_variant("revcol_test", pretrained=path), source)
+    backbone = revcol.RevColBackbone("revcol_test", {"pretrained": str(path)})
+    assert_same_weights(backbone, source)
+
+
+# --------------------------------------------------------------------------- published files in the authors' layouts
+
+FAKE = "fake_revcol_downstream"  # not revcol*: timm keeps registrations, and test_timm_models lists revcol* models
 FAKE_SPEC = VariantSpec(TINY_CHANNELS, (1, 1, 1, 1), 2, 0.1)
 COCO_ENTRY = PublishedWeights(FAKE, "in1k_ft_coco", "cmr_fake_3x.pth", 800, None, None, False, "detection", COCO)
 ADE_ENTRY = PublishedWeights(
@@ -222,69 +205,6 @@ def test_a_realistic_mmdet_meta_passes_weights_only_loading(downstream, tmp_path
     assert meta == MMDET_META
 
 
-NUMPY_META = {
-    "hook_msgs": {"best_score": np.float64(0.5), "best_epoch": np.int64(12)},  # an EvalHook's numbers
-    "PALETTE": np.array([[120, 120, 120], [180, 120, 120]], dtype=np.uint8),  # a generated palette
-    "flags": np.array([True, False]),
-    "names": np.array(["wall", "building"]),
-    "mixed": np.array([1, "road", None], dtype=object),  # elements pass weights-only loading one by one
-}
-
-
-def _numpy_1_names(data: bytes) -> bytes:
-    """A legacy-format torch.save file as numpy 1 pickles it: reconstructors under numpy.core, not numpy._core."""
-    return data.replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
-
-
-@pytest.mark.parametrize("numpy_generation", [2, 1])
-def test_numpy_scalars_and_arrays_in_meta_pass_weights_only_loading(tmp_path, numpy_generation):
-    """What a real file's meta may hold beyond plain types: numpy values, written by numpy 1 or numpy 2."""
-    backbone = {f"backbone.{k}": v for k, v in make_net(num_subnet=2).state_dict().items()}
-    buffer = io.BytesIO()
-    torch.save({"meta": NUMPY_META, "state_dict": backbone}, buffer, _use_new_zipfile_serialization=False)
-    data = buffer.getvalue()
-    if numpy_generation == 1:
-        data = _numpy_1_names(data)
-        assert b"cnumpy.core.multiarray\n" in data and b"cnumpy._core" not in data
-    path = tmp_path / "cmr.pth"
-    path.write_bytes(data)
-    state = read_backbone(path)
-    assert all(torch.equal(state[k.removeprefix("backbone.")], v) for k, v in backbone.items())
-    zipped = tmp_path / "zip.pth"
-    torch.save({"meta": NUMPY_META, "state_dict": backbone}, zipped)
-    assert set(read_backbone(zipped, mmap=True)) == set(state)
-
-
-def test_a_read_leaves_torchs_allow_list_as_it_found_it(tmp_path):
-    """revcol's numpy entries exist only during its reads; a bare entry of the same class the user added stays."""
-    path = tmp_path / "cmr.pth"
-    torch.save({"meta": NUMPY_META, "state_dict": {"backbone.stem.0.bias": torch.ones(2)}}, path)
-    before = torch.serialization.get_safe_globals()
-    torch.serialization.add_safe_globals([np.dtype])
-    try:
-        assert set(read_backbone(path)) == {"stem.0.bias"}
-        assert set(torch.serialization.get_safe_globals()) == {*before, np.dtype}
-    finally:
-        torch.serialization.clear_safe_globals()
-        torch.serialization.add_safe_globals(before)
-
-
-class _Call:
-    """Pickles as a call of ``os.getpid`` (harmless, but not data): what a malicious file would do with os.system."""
-
-    def __reduce__(self):
-        return (os.getpid, ())
-
-
-@pytest.mark.parametrize("where", ["top level", "in an object array"])
-def test_a_call_beside_numpy_data_is_still_refused(tmp_path, where):
-    path = tmp_path / "cmr.pth"
-    meta = {"call": _Call()} if where == "top level" else {"calls": np.array([1, _Call()], dtype=object)}
-    torch.save({"meta": {**NUMPY_META, **meta}, "state_dict": {}}, path)
-    with pytest.raises(CheckpointError, match=r"refused by weights-only loading \(.*getpid"):
-        read_backbone(path)
-
-
 @pytest.mark.parametrize(("tag", "which", "kernel"), TAGS)
 def test_python_loads_the_backbone_of_each_layout(tag, which, kernel, downstream):
     server, backbones = downstream
@@ -316,6 +236,29 @@ def test_timm_loads_the_backbone_by_tag(tag, which, kernel, downstream):
     model = timm.create_model(f"{FAKE}.{tag}", pretrained=True)
     assert model.kernel_size == kernel and model.num_classes == 0  # a headless model: the file has no classifier
     _assert_backbone(model, backbones[which])
+
+
+@pytest.mark.parametrize("entry_point", ["yaml", "timm"])
+def test_a_value_is_decided_once_and_what_was_decided_is_loaded(entry_point, downstream, monkeypatch):
+    """The kernel size a tag implies and the file loaded come from one decision, not two look-ups of the table."""
+    from ultralytics.nn.tasks import RTDETRDetectionModel
+
+    _, backbones = downstream
+    looked_up = []
+    real = pretrained.named_entry
+    monkeypatch.setattr(pretrained, "named_entry", lambda *args: looked_up.append(args) or real(*args))
+    if entry_point == "yaml":
+        d = yaml.safe_load(TINY_RTDETR_YAML)
+        d["backbone"][0] = [-1, 1, FAKE, [{"pretrained": "megdata_k7"}]]
+        model = RTDETRDetectionModel(d, verbose=False).model[0]
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # timm warns when a name is registered again (an earlier test)
+            timm_models.register(FAKE)
+        model = timm.create_model(f"{FAKE}.megdata_k7", pretrained=True)
+    assert looked_up == [(FAKE, "megdata_k7")]
+    assert model.kernel_size == 7
+    _assert_backbone(model, backbones["k7"])
 
 
 def test_revcol_download_fetches_checks_and_prints_each_tag(downstream, capsys):

@@ -1,4 +1,5 @@
-"""The checkpoint folders of ``revcol.distributed``: what loading one trusts, and what a failed save or load leaves.
+"""The checkpoint folders of ``revcol.distributed`` (``checkpoints``, ``_folder``): what loading one trusts, and what
+a failed save or load leaves.
 
 * Loading reads no pickle that can call code: a ``.metadata`` or an ``extra`` value that would is refused.
 * A failed load (a damaged shard) is a one-line ``CheckpointError`` and leaves the model and optimizer as they were.
@@ -26,7 +27,7 @@ import torch.distributed.checkpoint as dcp
 from revcol_helpers import make_net, revcol_env
 
 from revcol import CheckpointError
-from revcol.distributed._folder import CHECKSUMS
+from revcol.distributed._folder import CHECKSUMS, SafeReader
 from revcol.distributed.checkpoints import load_checkpoint, save_checkpoint
 
 TESTS = Path(__file__).resolve().parent
@@ -89,6 +90,16 @@ def test_metadata_that_pickles_a_call_is_refused(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(before, target.state_dict().values(), strict=True))
     pickle.loads(pickle.dumps(_Touch(control)))  # the payload is live: plain pickle runs it
     assert control.exists()
+
+
+def test_the_metadata_is_read_once_per_load(tmp_path, monkeypatch):
+    """``load_checkpoint`` checks the metadata and hands the same reader to DCP, which asks for it again."""
+    save_checkpoint(tmp_path / "ck", _model(1), extra={"epoch": 1})
+    reads = []
+    real = SafeReader._read_metadata
+    monkeypatch.setattr(SafeReader, "_read_metadata", lambda self: reads.append(self) or real(self))
+    assert load_checkpoint(tmp_path / "ck", _model(2)) == {"epoch": 1}
+    assert len(reads) == 1
 
 
 def test_metadata_naming_a_shard_outside_the_folder_is_refused(tmp_path):
@@ -302,7 +313,7 @@ def crashes(tmp_path_factory) -> dict:
     seed = random.randrange(2**32)
     env = revcol_env(workdir) | {"OMP_NUM_THREADS": "1"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
-    code = f"import test_dcp_checkpoints as t; t.crash_child({str(workdir / 'checkpoints' / 'ck')!r}, {seed})"
+    code = f"import test_distributed_checkpoints as t; t.crash_child({str(workdir / 'checkpoints' / 'ck')!r}, {seed})"
     done = subprocess.run(
         [sys.executable, "-c", code], cwd=workdir, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT
     )

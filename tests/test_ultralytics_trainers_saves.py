@@ -1,4 +1,5 @@
-"""Training checkpoints of a RevCol model survive a SIGKILL at any moment of a save (the trainers' atomic writes).
+"""Training checkpoints of a RevCol model survive a SIGKILL at any moment of a save (``revcol.ultralytics.trainers``:
+``save_model`` writes through the hook table's ``save`` group, and the final ``strip_optimizer`` rewrite is atomic).
 
 A subprocess trains a tiny model for a few epochs. Its file writer is slowed down at one chosen moment: inside the
 chosen ``save_model`` call, the write of the chosen file (``last.pt``, ``best.pt`` or ``epoch1.pt``, or the temporary
@@ -9,7 +10,6 @@ that half is ``last.pt`` itself; with it the half is a temporary file and ``last
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -21,7 +21,6 @@ import pytest
 import torch
 from revcol_helpers import TINY_YOLO_YAML, revcol_env
 
-from revcol._atomic import write_atomically
 from revcol.demo import generate_dataset
 
 IMGSZ = 64
@@ -193,21 +192,3 @@ def test_resume_after_a_kill_continues_and_clears_what_the_killed_save_left(tmp_
     assert list(weights.glob(".*.part")) == []  # its writer is dead: the next save removed it
     assert torch.load(weights / "last.pt", map_location="cpu", weights_only=False)["epoch"] == -1  # final, stripped
     assert "Resuming training" in out.stdout + out.stderr
-
-
-def test_atomic_write_replaces_whole_and_keeps_files_of_live_writers(tmp_path):
-    target = tmp_path / "last.pt"
-    target.write_bytes(b"old")
-    live = tmp_path / f".last.pt.{os.getppid()}.0000.part"  # a live process (pytest's parent) is writing this one
-    live.write_bytes(b"x")
-    assert write_atomically(target, b"new" * 1000) == 3000
-    assert target.read_bytes() == b"new" * 1000
-    assert live.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "last.pt"]
-    assert oct(target.stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # like any new file, not mkstemp's 0600
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -1,0 +1,239 @@
+"""RevCol as timm models (revcol.timm_models): registration, pretrained configs, and timm's model contract.
+
+The contract tests follow timm's own ``tests/test_models.py`` (named in each docstring), on ``revcol_tiny`` at
+small inputs. The authors' classifier, its files and ``pretrained=True``: test_timm_classifier.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from revcol_helpers import randomize_, seeded_images, tiny_timm_model
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import FeatureInfo, get_pretrained_cfg
+from timm.optim import create_optimizer_v2
+
+import revcol
+from revcol import ConfigError, FullNet
+from revcol.core import param_groups as lr_decay
+from revcol.ultralytics.trainers import no_decay_parameters
+from revcol.weights.published import DEFAULT_TAGS, WEIGHTS
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+
+# --------------------------------------------------------------------------- registration and configs
+
+
+def test_import_revcol_registers_every_variant_with_its_published_files():
+    assert set(timm.list_models("revcol*")) == set(revcol.VARIANTS)
+    assert "revcol_huge" in timm.list_models("revcol*")
+    expected = {f"{variant}.{tag}" for variant, tags in WEIGHTS.items() for tag in tags}
+    assert set(timm.list_pretrained("revcol*")) == expected
+    for variant, tags in WEIGHTS.items():
+        assert get_pretrained_cfg(variant).tag == DEFAULT_TAGS[variant]  # what pretrained=True loads
+        for tag, entry in tags.items():
+            cfg = get_pretrained_cfg(f"{variant}.{tag}")
+            size = entry.resolution
+            assert cfg.url == entry.url
+            assert cfg.input_size == (3, size, size) and cfg.pool_size == (size // 32, size // 32)
+            assert cfg.num_classes == (entry.num_classes or 0)
+            assert (cfg.crop_pct, cfg.crop_mode) == ((0.875, "center") if size == 224 else (1.0, "squash"))
+            assert (cfg.mean, cfg.std, cfg.interpolation) == (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, "bicubic")
+            assert (cfg.classifier, cfg.first_conv) == ("cls.classifier.1", "stem.0")
+    assert get_pretrained_cfg("revcol_xlarge").url == ""  # no published file: not in list_pretrained
+
+
+def test_create_model_takes_the_issue_call_and_the_backbone_options():
+    model = timm.create_model(
+        "revcol_small", pretrained=False, num_classes=5, features_only=True, out_indices=(1, 2, 3)
+    )
+    outs = model(seeded_images())
+    assert [tuple(o.shape) for o in outs] == [(1, 128, 8, 8), (1, 256, 4, 4), (1, 512, 2, 2)]
+    assert model.feature_info.channels() == [128, 256, 512] and model.feature_info.reduction() == [8, 16, 32]
+    model = timm.create_model("revcol_tiny", drop_path_rate=0.2, save_memory=False, kernel_size=5)
+    assert (model.drop_path, model.save_memory, model.kernel_size) == (0.2, False, 5)
+    assert timm.create_model("revcol_tiny").drop_path == revcol.VARIANTS["revcol_tiny"].drop_path
+    with pytest.raises(ConfigError, match="feature_cls 'getter' \\(default\\) or 'hook', got 'list'"):
+        timm.create_model("revcol_tiny", features_only=True, feature_cls="list")
+    with pytest.raises(ConfigError, match="in_chans must be 3"):
+        timm.create_model("revcol_tiny", in_chans=1)
+    with pytest.raises(ConfigError, match="global_pool must be one of"):
+        timm.create_model("revcol_tiny", global_pool="catavgmax")
+    with pytest.raises(ConfigError, match="needs num_classes=0"):
+        timm.create_model("revcol_tiny", global_pool="")
+
+
+# --------------------------------------------------------------------------- timm's test_models.py
+
+
+def test_forward_and_grad_checkpointing_change_nothing(monkeypatch):
+    """timm ``test_model_forward``: batch 1, no NaN; ``set_grad_checkpointing`` keeps the outputs.
+
+    Stronger than timm's (which runs eval, where checkpointing is off anyway): in training it switches
+    between the reversible backward and plain autograd, and the outputs and gradients agree (in float64, where the
+    recomputed activations are exact to rounding; float32 gradient sums differ by a few ulps from one CPU to another).
+    """
+    model = tiny_timm_model(num_classes=10, drop_path_rate=0.0, save_memory=False).eval()
+    x = seeded_images()
+    out = model(x)
+    assert out.shape == (1, 10) and not out.isnan().any()
+    model.set_grad_checkpointing()
+    torch.testing.assert_close(model(x), out, rtol=1e-4, atol=1e-5)
+
+    reversible_columns = []
+    apply_column = revcol.ReverseFunction.apply_column
+    monkeypatch.setattr(
+        revcol.ReverseFunction, "apply_column", lambda *a: reversible_columns.append(1) or apply_column(*a)
+    )
+    model.train().double()
+    x = x.double()
+    runs = []
+    for enable in (True, False):
+        model.set_grad_checkpointing(enable)
+        reversible_columns.clear()
+        model.zero_grad()
+        y = model(x)
+        y.square().sum().backward()
+        assert len(reversible_columns) == (model.num_subnet if enable else 0)
+        runs.append((y.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-12, atol=1e-12)
+    for with_rev, plain in zip(runs[0][1], runs[1][1], strict=True):
+        torch.testing.assert_close(with_rev, plain, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("save_memory", [True, False])
+def test_backward_reaches_every_parameter(save_memory):
+    """timm ``test_model_backward``: num_classes=42, batch 2, train mode, every parameter gets a gradient."""
+    model = timm.create_model("revcol_tiny", num_classes=42, save_memory=save_memory).train()
+    out = model(seeded_images(n=2))
+    out.mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, f"no gradient for {name}"
+    assert sum(p.grad.numel() for p in model.parameters()) == sum(p.numel() for p in model.parameters())
+    assert out.shape == (2, 42) and not out.isnan().any()
+
+
+def test_default_cfgs_heads_and_reset_classifier():
+    """timm ``test_model_default_cfgs`` at the config's own input size (224)."""
+    model = tiny_timm_model().eval()
+    assert model.num_classes == 1000 and model.num_features == 512 and model.head_hidden_size == 512
+    cfg = model.default_cfg
+    x = torch.randn(1, *cfg["input_size"])
+    with torch.no_grad():
+        features = model.forward_features(x)
+        pre = model.forward_head(features, pre_logits=True)
+        assert features.shape == (1, model.num_features, *cfg["pool_size"])
+        assert pre.shape == (1, model.head_hidden_size)
+        model.reset_classifier(0)
+        assert model.num_classes == 0
+        pooled = model(x)
+        assert pooled.shape == pre.shape
+        torch.testing.assert_close(pooled, pre)
+        model.reset_classifier(0, "")
+        assert model(x).shape == (1, 512, *cfg["pool_size"])
+        fresh = timm.create_model("revcol_tiny", num_classes=0, global_pool="").eval()
+        assert fresh(x).shape == (1, 512, *cfg["pool_size"])
+    state = tiny_timm_model().state_dict()
+    assert cfg["classifier"] + ".weight" in state and cfg["first_conv"] + ".weight" in state
+    model.reset_classifier(3, "max")
+    assert model.get_classifier().out_features == 3 and model(seeded_images()).shape == (1, 3)
+
+
+def _check_maps(outputs, channels, reductions, size: int = 64) -> None:
+    assert len(outputs) == len(channels)
+    for out, c, r in zip(outputs, channels, reductions, strict=True):
+        assert out.shape == (1, c, size // r, size // r) and not out.isnan().any()
+
+
+@pytest.mark.parametrize("feature_cls", [None, "getter", "hook"])
+def test_features_only(feature_cls):
+    """timm ``test_model_forward_features`` (default and hook) and ``test_model_forward_intermediates_features``.
+
+    And the maps are the model's own: equal to its ``forward_intermediates``. For the hook class that means
+    a forward hook on each module ``feature_info`` names sees exactly the returned map (issue item 4).
+    """
+    kwargs = {} if feature_cls is None else {"feature_cls": feature_cls}
+    torch.manual_seed(0)
+    model = timm.create_model("revcol_tiny", features_only=True, **kwargs).eval()
+    randomize_(model, seed=1)
+    info = model.feature_info
+    assert info.channels() == [64, 128, 256, 512] and info.reduction() == [4, 8, 16, 32]
+    x = seeded_images()
+    with torch.no_grad():
+        outs = model(x)
+        _check_maps(outs, info.channels(), info.reduction())
+        inner = model.body if feature_cls == "hook" else model.model
+        for out, ref in zip(outs, inner.forward_intermediates(x, intermediates_only=True), strict=True):
+            torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_forward_intermediates_and_pruning():
+    """timm ``test_model_forward_intermediates``, plus each argument of ``forward_intermediates`` and pruning."""
+    model = tiny_timm_model().eval()
+    info = FeatureInfo(model.feature_info, len(model.feature_info))
+    x = seeded_images()
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x, output_fmt="NCHW")
+        _check_maps(maps, info.channels(), info.reduction())
+        torch.testing.assert_close(final, model.forward_features(x))
+        reference = FullNet(**revcol.VARIANTS["revcol_tiny"].fullnet_kwargs())
+        reference.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("cls.")})
+        for got, want in zip(maps, reference.eval()(x), strict=True):
+            torch.testing.assert_close(got, want)
+        model.set_grad_checkpointing()
+        torch.testing.assert_close(model.forward_intermediates(x)[0], final, rtol=1e-4, atol=1e-5)
+
+        last_two = model.forward_intermediates(x, indices=2, intermediates_only=True)
+        assert [m.shape[1] for m in last_two] == [256, 512]
+        picked = model.forward_intermediates(x, indices=[0, 3], norm=True, stop_early=True, intermediates_only=True)
+        torch.testing.assert_close(picked[0], maps[0])
+        torch.testing.assert_close(picked[1], maps[3])
+    with pytest.raises(ConfigError, match="NCHW only"):
+        model.forward_intermediates(x, output_fmt="NHWC")
+    with pytest.raises((ValueError, AssertionError, IndexError)):
+        model.forward_intermediates(x, indices=[4])
+
+    assert model.prune_intermediate_layers([1, 2]) == [1, 2]
+    assert model.num_classes == 0 and model(x).dim() == 4  # head gone: unpooled features
+
+
+def test_layer_decay_follows_the_authors_depth_map():
+    """timm's ``create_optimizer_v2(layer_decay=...)`` through ``group_matcher``: RevCol's column-aware depths."""
+    model = timm.create_model("revcol_tiny", num_classes=10)
+    rate = 0.8
+    optimizer = create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.05, layer_decay=rate)
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            seen[names[id(p)]] = (group["lr_scale"], group["weight_decay"])
+    assert set(seen) == set(names.values())
+    layers, columns = model.layers, model.num_subnet
+    for name, (scale, decay) in seen.items():
+        assert scale == pytest.approx(lr_decay.lr_scale(name, layers, columns, rate)), name
+        if ".alpha" in name or name.endswith((".gamma", ".bias")) or ".norm." in name:
+            assert decay == 0.0, name
+    scales = {name: scale for name, (scale, _) in seen.items()}
+    assert scales["stem.0.weight"] == min(scales.values()) < scales["subnet3.level3.blocks.1.pwconv2.weight"]
+    assert scales["cls.classifier.1.weight"] == 1.0
+    # column-aware: the first block of the last column is shallower than the last block of the first column
+    assert scales["subnet3.level0.blocks.0.dwconv.weight"] < scales["subnet0.level3.blocks.1.dwconv.weight"]
+    assert model.group_matcher(coarse=True)["stem"] == r"^stem"
+
+
+def test_no_weight_decay_is_the_rule_the_ultralytics_trainers_follow():
+    """One rule (``param_groups.exempt_from_weight_decay``) for timm and the Ultralytics trainers: every column alpha
+    and every layer-scale gamma, and nothing else."""
+    model = timm.create_model("revcol_tiny", num_classes=10)
+    alphas = {f"subnet{i}.alpha{level}" for i in range(model.num_subnet) for level in range(4)}
+    gammas = {name for name, _ in model.named_parameters() if name.endswith(".gamma")}
+    assert len(gammas) == model.num_subnet * sum(model.layers)
+    assert model.no_weight_decay() == alphas | gammas
+    names = {id(p): name for name, p in model.named_parameters()}
+    assert {names[id(p)] for p in no_decay_parameters(model)} == alphas | gammas
+    optimizer = create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.05)
+    decay = {names[id(p)]: group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    assert all(decay[name] == 0.0 for name in alphas | gammas)
+    assert decay["stem.0.weight"] == 0.05
