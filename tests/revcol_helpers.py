@@ -1,4 +1,6 @@
-"""Shared test helpers: tiny models and YAMLs, gradient comparison, subprocess env, a local weights server."""
+"""Shared test helpers: the tiny configuration, models and YAMLs, gradient comparison (the gradients themselves are
+``revcol.diagnostics``', shared with examples/ and benchmarks/), a free local port, subprocess env, a local weights
+server."""
 
 from __future__ import annotations
 

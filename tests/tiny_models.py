@@ -3,7 +3,8 @@
 ``TASKS``: per task, the shipped config, its head, a tiny YAML of the same layout, its dataset (``task_data``) and
 what val reports; ``DETECTORS``: RT-DETR and YOLO on the tiny backbone of ``revcol_helpers``. ``train`` trains one
 by name on its generated dataset, on the CPU, offline. The ``trained`` fixture (``conftest``) calls it once per name
-and test process: ``test_tasks``, ``test_e2e`` and ``test_export`` share what it trained.
+and test process: ``test_tasks``, ``test_e2e`` and ``test_export`` share what it trained. ``predict_in_fresh_processes``
+runs trained models' ``best.pt`` in processes that never imported revcol.
 """
 
 from __future__ import annotations
