@@ -17,6 +17,7 @@ import contextlib
 import os
 import re
 import secrets
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,16 +57,28 @@ def replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
     was; a process killed before the rename leaves ``path`` as it was too, and its temporary file is removed by the
     next replacement of the same path (``sweep``).
     """
-    with temporary_beside(path) as temporary:
-        write(temporary)
-        fd = os.open(temporary, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-        try:
-            os.fsync(fd)  # the rename must never publish a file whose data is still in flight
-        finally:
-            os.close(fd)
-        os.replace(temporary, path)
-    fsync_folder(path.parent)
-    sweep(path.parent, [path.name])
+    with _in_process(path):
+        with temporary_beside(path) as temporary:
+            write(temporary)
+            fd = os.open(temporary, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            try:
+                os.fsync(fd)  # the rename must never publish a file whose data is still in flight
+            finally:
+                os.close(fd)
+            os.replace(temporary, path)
+        fsync_folder(path.parent)
+        sweep(path.parent, [path.name])
+
+
+_PATH_LOCKS: dict[str, threading.Lock] = {}
+_PATH_LOCKS_GUARD = threading.Lock()
+
+
+def _in_process(path: Path) -> threading.Lock:
+    """The lock that threads of this process take to replace ``path`` in turn: the file locks keep other processes
+    apart, and taking turns here keeps one thread's sweep from meeting another thread's claim half made."""
+    with _PATH_LOCKS_GUARD:
+        return _PATH_LOCKS.setdefault(os.path.abspath(path), threading.Lock())
 
 
 def new_file(path: Path) -> BinaryIO:
