@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import collections
+import io
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
-from revcol_helpers import WeightsServer, make_net
+from revcol_helpers import TEST_ENTRY, WeightsServer, make_net
 
 # Each xdist worker (and a plain run) computes with one intra-op thread: the tests' tensors are tiny, and on a
 # 2-core machine two workers with a thread pool each would fight over the cores, their pools spending more time
@@ -104,6 +106,33 @@ def server() -> Iterator[WeightsServer]:
     httpd.shutdown()
     httpd.server_close()
     thread.join(timeout=5)
+
+
+@pytest.fixture
+def cache(tmp_path) -> Path:
+    """torch's checkpoint cache as ``revcol_helpers.offline_weights`` points it into ``tmp_path``."""
+    return tmp_path / "torch" / "hub" / "checkpoints"
+
+
+@pytest.fixture(scope="module")
+def body() -> bytes:
+    """A backbone saved as ``{"model": state_dict}``: the body the download tests serve."""
+    buffer = io.BytesIO()
+    torch.save({"model": make_net(num_subnet=2, dtype=torch.float32, seed=3).state_dict()}, buffer)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def serve(server, body, monkeypatch) -> Callable[..., WeightsServer]:
+    """``serve(mode, data=None)``: ``TEST_ENTRY``'s file (``body`` unless ``data``) served in that mode, with
+    REVCOL_WEIGHTS_URL pointing at the server."""
+    monkeypatch.setenv("REVCOL_WEIGHTS_URL", server.base)
+
+    def start(mode: str = "ok", data: bytes | None = None) -> WeightsServer:
+        server.files[f"/weights/{TEST_ENTRY.filename}"] = (body if data is None else data, mode)
+        return server
+
+    return start
 
 
 @pytest.fixture

@@ -62,35 +62,10 @@ def offline(tmp_path, monkeypatch) -> str:
     return offline_weights(tmp_path, monkeypatch)
 
 
-@pytest.fixture
-def cache(tmp_path) -> Path:
-    return tmp_path / "torch" / "hub" / "checkpoints"
-
-
-@pytest.fixture(scope="module")
-def body() -> bytes:
-    """A backbone saved as ``{"model": state_dict}``."""
-    buffer = io.BytesIO()
-    torch.save({"model": make_net(num_subnet=2, dtype=torch.float32, seed=3).state_dict()}, buffer)
-    return buffer.getvalue()
-
-
 @pytest.fixture(scope="module")
 def checkpoint() -> tuple[bytes, dict[str, torch.Tensor]]:
     """A file in the authors' layout (with heads) and its backbone tensors."""
     return published_checkpoint()
-
-
-@pytest.fixture
-def serve(server, body, monkeypatch):
-    """``serve(mode)``: the test checkpoint served in that mode, REVCOL_WEIGHTS_URL pointing at it."""
-    monkeypatch.setenv("REVCOL_WEIGHTS_URL", server.base)
-
-    def start(mode: str = "ok", data: bytes | None = None) -> WeightsServer:
-        server.files[SERVED] = (body if data is None else data, mode)
-        return server
-
-    return start
 
 
 def _files(folder: Path) -> list[str]:

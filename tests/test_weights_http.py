@@ -8,7 +8,6 @@ and every test that waits sets short bounds, so none waits long.
 from __future__ import annotations
 
 import base64
-import io
 import itertools
 import os
 import socket
@@ -17,8 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from revcol_helpers import TEST_ENTRY, WeightsServer, make_net, offline_weights
+from revcol_helpers import TEST_ENTRY, offline_weights
 
 from revcol import CheckpointError
 from revcol.weights import cache as weights_cache
@@ -37,30 +35,6 @@ SERVED = f"/weights/{ENTRY.filename}"
 def offline(tmp_path, monkeypatch) -> str:
     """Every test: torch's cache in tmp_path, weights from a closed local port, no other host reachable."""
     return offline_weights(tmp_path, monkeypatch)
-
-
-@pytest.fixture
-def cache(tmp_path) -> Path:
-    return tmp_path / "torch" / "hub" / "checkpoints"
-
-
-@pytest.fixture(scope="module")
-def body() -> bytes:
-    buffer = io.BytesIO()
-    torch.save({"model": make_net(num_subnet=2, dtype=torch.float32, seed=3).state_dict()}, buffer)
-    return buffer.getvalue()
-
-
-@pytest.fixture
-def serve(server, body, monkeypatch):
-    """``serve(mode)``: the test checkpoint served in that mode, REVCOL_WEIGHTS_URL pointing at it."""
-    monkeypatch.setenv("REVCOL_WEIGHTS_URL", server.base)
-
-    def start(mode: str = "ok", data: bytes | None = None) -> WeightsServer:
-        server.files[SERVED] = (body if data is None else data, mode)
-        return server
-
-    return start
 
 
 def _files(folder: Path) -> list[str]:
