@@ -15,16 +15,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from revcol_helpers import assert_close_per_tensor, make_input, make_net, output_weights, run_grads
+from helpers.models import assert_close_per_tensor, make_input, make_net
 from timm.layers import DropPath
 
 from revcol.core import reversible
+from revcol.diagnostics import gradients, output_weights
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
 def weighted_loss(outputs: list[torch.Tensor]) -> torch.Tensor:
-    """The loss of ``run_grads``: every output element weighted by a fixed random number."""
+    """The loss of ``gradients``: every output element weighted by a fixed random number."""
     return sum((o * w.to(o.device)).sum() for o, w in zip(outputs, output_weights(outputs), strict=True))
 
 
@@ -37,7 +38,7 @@ def test_drop_path_masks_survive_other_threads_drawing_random_numbers():
     state in backward gave other masks, relative errors of 0.5 and more.)"""
     x = make_input(2, 32, 32)
     models = [make_net(num_subnet=3, drop_path=0.5, seed=seed) for seed in (0, 1)]
-    expected = [run_grads(model, x, save_memory=False, seed=10 + index)[1] for index, model in enumerate(models)]
+    expected = [gradients(model, x, save_memory=False, seed=10 + index)[1] for index, model in enumerate(models)]
     # Forwards and the third thread's draws take turns, so that each forward draws exactly the masks of its seed,
     # as the plain run did; backwards run freely alongside them.
     lock = threading.Lock()
@@ -80,12 +81,12 @@ def test_drop_path_masks_survive_other_threads_drawing_random_numbers():
 def test_backward_draws_nothing_from_the_generator():
     """The recompute reuses the forward's draws: after forward + backward the generator is where the plain path
     leaves it, and the forward outputs are the plain path's bit for bit."""
-    model = make_net(num_subnet=2, drop_path=0.5)
+    model = make_net(drop_path=0.5)
     x = make_input(4)
     after = {}
     outputs = {}
     for save_memory in (False, True):
-        outputs[save_memory], _ = run_grads(model, x, save_memory=save_memory, seed=3)
+        outputs[save_memory], _ = gradients(model, x, save_memory=save_memory, seed=3)
         after[save_memory] = torch.rand(8)
     assert torch.equal(after[True], after[False])
     for a, e in zip(outputs[True], outputs[False], strict=True):
@@ -113,18 +114,21 @@ def test_plain_path_drop_path_is_timms():
 
 def test_pickled_model_with_timm_drop_path_keeps_exact_gradients():
     """Checkpoints pickle the blocks' timm DropPath; an unpickled model's reversible gradients equal the plain."""
-    model = pickle.loads(pickle.dumps(make_net(num_subnet=2, drop_path=0.5)))
+    model = pickle.loads(pickle.dumps(make_net(drop_path=0.5)))
     assert all(type(m) is DropPath for m in model.modules() if hasattr(m, "drop_prob"))
     x = make_input(4)
-    _, plain = run_grads(model, x, save_memory=False, seed=5)
-    _, rev = run_grads(model, x, save_memory=True, seed=5)
+    _, plain = gradients(model, x, save_memory=False, seed=5)
+    _, rev = gradients(model, x, save_memory=True, seed=5)
     assert_close_per_tensor(rev, plain, tol=1e-9)
 
 
-def test_drop_path_changed_between_forward_and_backward_raises():
-    model = make_net(num_subnet=2, drop_path=0.5)
+@pytest.mark.parametrize("new_rate", [0.0, 0.25, 0.75])
+def test_drop_path_changed_between_forward_and_backward_raises(new_rate):
+    """Switched off, or to another rate: timm rescales a replayed mask by the new rate, so the gradients would be
+    wrong (by 22 % at half the rate) without a word."""
+    model = make_net(drop_path=0.5)
     outputs = model(make_input(4))
-    model.subnet1.level2.blocks[0].drop_path.drop_prob = 0.0
+    model.subnet1.level2.blocks[0].drop_path.drop_prob = new_rate
     with pytest.raises(RuntimeError, match="drew differently in the reversible backward"):
         weighted_loss(outputs).backward()
 
@@ -142,7 +146,7 @@ class RandDropPath(torch.nn.Module):
 
 
 def test_drop_path_module_drawing_otherwise_is_refused():
-    model = make_net(num_subnet=2, drop_path=0.5)
+    model = make_net(drop_path=0.5)
     model.subnet1.level1.blocks[0].drop_path = RandDropPath(0.5)
     with pytest.raises(RuntimeError, match=r"without Tensor\.bernoulli_"):
         model(make_input(4))
@@ -186,7 +190,7 @@ def test_functional_call_fast_weights_gradients_equal_plain_autograd(columns):
 @pytest.mark.parametrize("wrt", ["input", "parameters"])
 def test_double_backward_raises_naming_save_memory(wrt):
     """A gradient penalty needs the gradients' own graph, which the reversible backward does not build."""
-    model = make_net(num_subnet=2)
+    model = make_net()
     x = make_input().requires_grad_()
     targets = [x] if wrt == "input" else list(model.parameters())
     model.save_memory = True
@@ -233,7 +237,7 @@ def _model_and_optimizer(name: str):
     device = "cuda" if name == "adam-capturable" else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("capturable optimizers need an accelerator")
-    model = make_net(num_subnet=2).to(device)
+    model = make_net().to(device)
     return model, OPTIMIZERS[name](model.parameters()), device
 
 
@@ -275,7 +279,7 @@ def test_optimizer_step_after_backward_keeps_exact_gradients(name):
 
 def test_another_models_optimizer_stepping_in_between_is_fine():
     """A step that updates other parameters (a GAN's discriminator) between forward and backward is allowed."""
-    model, other = make_net(num_subnet=2), make_net(num_subnet=1, seed=1)
+    model, other = make_net(), make_net(num_subnet=1, seed=1)
     optimizer = torch.optim.Adam(other.parameters(), fused=True)
     weighted_loss(other(make_input())).backward()
     x = make_input()

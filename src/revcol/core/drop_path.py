@@ -21,27 +21,38 @@ class DrawTape(TorchFunctionMode):
     runs the drop-path modules' own code; only their draws are the forward's.
     """
 
-    def __init__(self, draws: list[torch.Tensor] | None = None) -> None:
-        """A recording tape, or with ``draws`` one that replays them in order."""
+    def __init__(self, draws: list[tuple[object, torch.Tensor]] | None = None) -> None:
+        """A recording tape, or with ``draws`` (each a probability and its draw) one that replays them in order."""
         super().__init__()
         self.replaying = draws is not None
-        self.draws: list[torch.Tensor] = [] if draws is None else draws
+        self.draws: list[tuple[object, torch.Tensor]] = [] if draws is None else draws
         self.used = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is not torch.Tensor.bernoulli_:
             return func(*args, **kwargs)
+        # timm scales the drawn tensor in place by 1 / p afterwards, so a replayed draw is only the forward's
+        # if p is the same too.
+        p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
         if not self.replaying:
             drawn = func(*args, **kwargs)
-            # timm scales the drawn tensor in place afterwards; the recompute repeats that scaling.
-            self.draws.append(drawn.clone())
+            self.draws.append((p, drawn.clone()))
             return drawn
         target = args[0]
-        if self.used == len(self.draws) or self.draws[self.used].shape != target.shape:
+        if self.used == len(self.draws):
+            raise changed_drop_path()
+        recorded_p, drawn = self.draws[self.used]
+        if drawn.shape != target.shape or not _same_probability(recorded_p, p):
             raise changed_drop_path()
         self.used += 1
-        return target.copy_(self.draws[self.used - 1])
+        return target.copy_(drawn)
+
+
+def _same_probability(a: object, b: object) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return bool(torch.equal(torch.as_tensor(a), torch.as_tensor(b)))
+    return a == b
 
 
 # The tape of the level being run by a reversible column in this thread (or task): None outside one.
