@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from revcol_helpers import randomize_, seeded_images, tiny_timm_model
+from helpers.models import seeded_images, tiny_timm_model
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import FeatureInfo, get_pretrained_cfg
 from timm.optim import create_optimizer_v2
@@ -17,6 +17,7 @@ from timm.optim import create_optimizer_v2
 import revcol
 from revcol import ConfigError, FullNet
 from revcol.core import param_groups as lr_decay
+from revcol.diagnostics import randomize_
 from revcol.ultralytics.trainers import no_decay_parameters
 from revcol.weights.published import DEFAULT_TAGS, WEIGHTS
 
@@ -59,6 +60,10 @@ def test_create_model_takes_the_issue_call_and_the_backbone_options():
         timm.create_model("revcol_tiny", features_only=True, feature_cls="list")
     with pytest.raises(ConfigError, match="in_chans must be 3"):
         timm.create_model("revcol_tiny", in_chans=1)
+    # timm's pretrained= is a flag: a tag or a path there used to load the default file without a word
+    for named in ("in22k", "/tmp/x.pth"):
+        with pytest.raises(ConfigError, match=r"pretrained= is True or False, got .*'revcol_base\.in22k'"):
+            timm.create_model("revcol_base", pretrained=named)
     with pytest.raises(ConfigError, match="global_pool must be one of"):
         timm.create_model("revcol_tiny", global_pool="catavgmax")
     with pytest.raises(ConfigError, match="needs num_classes=0"):

@@ -276,6 +276,13 @@ def create(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     What that names is decided by ``revcol.weights.pretrained.choose_pretrained`` before building (a published file
     fixes the kernel size: RevCol-H's k7 files) and loaded by ``load_chosen`` with ``load_classifier_weights``.
     """
+    if not isinstance(pretrained, bool):
+        # timm's contract is a flag: a tag or a path here would otherwise load the default file without a word.
+        tags = ", ".join(f"'{name}'" for name in default_cfgs_of(variant) if "." in name) or "none published"
+        raise ConfigError(
+            f"timm's pretrained= is True or False, got {pretrained!r}: name a tag in the model name ({tags}) or a "
+            "file with pretrained_cfg_overlay=dict(file=PATH)"
+        )
     feature_cls = kwargs.get("feature_cls", "getter")
     if kwargs.get("features_only") and not (isinstance(feature_cls, str) and feature_cls.lower() in FEATURE_CLASSES):
         # timm's list/dict/fx extractors re-run the children one after another or trace them: a column takes
