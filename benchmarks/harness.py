@@ -101,8 +101,11 @@ class Config:
         return self.shape.spec.drop_path
 
 
+# The smallest network worth measuring: the smoke run's, and the one the compile section explains in any run.
+TINY = Shape("tiny (smoke)", VariantSpec((8, 16, 24, 32), (1, 1, 1, 1), 2, 0.2))
+
 QUICK = Config(
-    shape=Shape("tiny (smoke)", VariantSpec((8, 16, 24, 32), (1, 1, 1, 1), 2, 0.2)),
+    shape=TINY,
     size=64,
     batch=2,
     repeats=3,

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from revcol_helpers import TEST_ENTRY, WeightsServer, make_net
+from helpers.models import make_net
+from helpers.server import TEST_ENTRY, WeightsServer
 
 # Each xdist worker (and a plain run) computes with one intra-op thread: the tests' tensors are tiny, and on a
 # 2-core machine two workers with a thread pool each would fight over the cores, their pools spending more time
@@ -110,7 +111,7 @@ def server() -> Iterator[WeightsServer]:
 
 @pytest.fixture
 def cache(tmp_path) -> Path:
-    """torch's checkpoint cache as ``revcol_helpers.offline_weights`` points it into ``tmp_path``."""
+    """torch's checkpoint cache as ``helpers.server.offline_weights`` points it into ``tmp_path``."""
     return tmp_path / "torch" / "hub" / "checkpoints"
 
 
@@ -118,7 +119,7 @@ def cache(tmp_path) -> Path:
 def body() -> bytes:
     """A backbone saved as ``{"model": state_dict}``: the body the download tests serve."""
     buffer = io.BytesIO()
-    torch.save({"model": make_net(num_subnet=2, dtype=torch.float32, seed=3).state_dict()}, buffer)
+    torch.save({"model": make_net(dtype=torch.float32, seed=3).state_dict()}, buffer)
     return buffer.getvalue()
 
 
@@ -138,25 +139,25 @@ def serve(server, body, monkeypatch) -> Callable[..., WeightsServer]:
 @pytest.fixture
 def source():
     """A small RevCol with non-trivial weights, whose state dict the test's checkpoints hold."""
-    return make_net(num_subnet=2, dtype=torch.float32, seed=11)
+    return make_net(dtype=torch.float32, seed=11)
 
 
 @pytest.fixture
 def target():
     """A model of the same configuration as ``source``, with other (freshly initialised) weights."""
-    return make_net(num_subnet=2, dtype=torch.float32, seed=12, randomize=False)
+    return make_net(dtype=torch.float32, seed=12, randomize=False)
 
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], object]:
-    """``trained(name)``: the ``tiny_models.Run`` of ``tiny_models.train(name, ...)``, trained once per process."""
-    import tiny_models  # imports every Ultralytics head: only for the tests that train
+    """``trained(name)``: the ``helpers.training.Run`` of ``training.train(name, ...)``, trained once per process."""
+    from helpers import training  # imports every Ultralytics head: only for the tests that train
 
-    runs: dict[str, tiny_models.Run] = {}
+    runs: dict[str, training.Run] = {}
 
-    def get(name: str) -> tiny_models.Run:
+    def get(name: str) -> training.Run:
         if name not in runs:
-            runs[name] = tiny_models.train(name, tmp_path_factory.mktemp(name))
+            runs[name] = training.train(name, tmp_path_factory.mktemp(name))
         return runs[name]
 
     return get

@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from revcol_helpers import revcol_env
+from helpers.processes import revcol_env
 
 from revcol import _atomic
 from revcol._atomic import replace_atomically, sweep, temporary_beside, write_atomically

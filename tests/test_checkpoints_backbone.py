@@ -11,7 +11,8 @@ import re
 import pytest
 import safetensors.torch
 import torch
-from revcol_helpers import TINY_CHANNELS, assert_load_refused, assert_same_weights, clear_load_error, make_net
+from helpers.checkpoints import assert_load_refused, assert_same_weights, clear_load_error
+from helpers.models import TINY_CHANNELS, make_net
 
 from revcol import CheckpointError, LoadResult, load_pretrained
 from revcol.checkpoints import HeadRule
@@ -76,7 +77,7 @@ def test_detector_checkpoint_loads_its_backbone_and_skips_the_rest(source, targe
 
 
 def test_top_level_backbone_wins_over_a_detector_prefix(source, target, tmp_path):
-    other = make_net(num_subnet=2, dtype=torch.float32, seed=13)
+    other = make_net(dtype=torch.float32, seed=13)
     path = tmp_path / "w.pth"
     torch.save({**source.state_dict(), **_detector(other.state_dict())}, path)
     result = load_pretrained(target, path)
@@ -182,7 +183,7 @@ def test_extra_backbone_key_is_reported(target, tmp_path):
 
 
 def test_shape_mismatch_names_key_and_both_shapes(target, tmp_path):
-    wider = make_net(channels=(8, 16, 24, 40), num_subnet=2, dtype=torch.float32)
+    wider = make_net(channels=(*TINY_CHANNELS[:-1], 40), dtype=torch.float32)
     path = tmp_path / "w.pth"
     torch.save(wider.state_dict(), path)
     before = _unchanged(target)
@@ -251,7 +252,7 @@ def test_a_head_rule_loads_a_part_outside_the_backbone(source, tmp_path):
     path = tmp_path / "w.pth"
     head = {f"fc.{k}": v for k, v in fc.state_dict().items()}
     torch.save({**source.state_dict(), **head, "aux.weight": torch.ones(1)}, path)
-    model = _with_head(make_net(num_subnet=2, dtype=torch.float32, seed=12, randomize=False))
+    model = _with_head(make_net(dtype=torch.float32, seed=12, randomize=False))
     with pytest.raises(CheckpointError, match=r"2 backbone tensors missing from the file \[head\.bias, head\.weight\]"):
         load_pretrained(model, path)  # without a rule the head is one more part the file must hold
     result = load_pretrained(model, path, HeadRule("head.", _fc_for_head))
@@ -264,7 +265,7 @@ def test_a_head_rule_loads_a_part_outside_the_backbone(source, tmp_path):
 def test_a_head_rule_that_refuses_leaves_the_backbone_unloaded_too(source, tmp_path):
     path = tmp_path / "w.pth"
     torch.save(source.state_dict(), path)
-    model = _with_head(make_net(num_subnet=2, dtype=torch.float32, seed=12, randomize=False))
+    model = _with_head(make_net(dtype=torch.float32, seed=12, randomize=False))
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
     def refuse(state, own, where):

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from revcol_helpers import assert_load_refused, assert_same_weights, clear_load_error, make_net
+from helpers.checkpoints import assert_load_refused, assert_same_weights, clear_load_error
+from helpers.models import make_net
 
 from revcol import CheckpointError, load_pretrained
 from revcol.checkpoints.backbone import read_backbone, save_backbone
@@ -42,7 +43,7 @@ def test_format_is_told_by_content_not_by_name(source, target, tmp_path):
     safetensors.torch.save_file(source.state_dict(), as_pth)
     load_pretrained(target, as_pth)
     assert_same_weights(target, source)
-    other = make_net(num_subnet=2, dtype=torch.float32, seed=13, randomize=False)
+    other = make_net(dtype=torch.float32, seed=13, randomize=False)
     as_safetensors = tmp_path / "t.safetensors"
     torch.save(source.state_dict(), as_safetensors)
     load_pretrained(other, as_safetensors)

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from revcol_helpers import make_net, revcol_env
+from helpers.models import make_net
+from helpers.processes import revcol_env
 
 from revcol import CheckpointError
 from revcol.checkpoints.backbone import read_backbone
@@ -210,7 +211,7 @@ def _numpy_1_names(data: bytes) -> bytes:
 @pytest.mark.parametrize("numpy_generation", [2, 1])
 def test_numpy_scalars_and_arrays_in_meta_pass_weights_only_loading(tmp_path, numpy_generation):
     """What a real file's meta may hold beyond plain types: numpy values, written by numpy 1 or numpy 2."""
-    backbone = {f"backbone.{k}": v for k, v in make_net(num_subnet=2).state_dict().items()}
+    backbone = {f"backbone.{k}": v for k, v in make_net().state_dict().items()}
     buffer = io.BytesIO()
     torch.save({"meta": MMCV_NUMPY_META, "state_dict": backbone}, buffer, _use_new_zipfile_serialization=False)
     data = buffer.getvalue()

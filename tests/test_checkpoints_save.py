@@ -5,20 +5,21 @@ disk; and the parameter layout every writer relies on.
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
 import sys
 import textwrap
 import threading
-from pathlib import Path
 
 import pytest
 import safetensors.torch
 import timm
 import torch
-from revcol_helpers import TINY_CHANNELS, TINY_YOLO_YAML, assert_same_weights, make_input, make_net, revcol_env
+from helpers.checkpoints import assert_same_weights
+from helpers.models import TINY_CONFIG, make_input, make_net
+from helpers.processes import revcol_env
+from helpers.yamls import TINY_YOLO_YAML
 from ultralytics import YOLO
 
 from revcol import CheckpointError, ConfigError, FullNet, load_pretrained
@@ -28,8 +29,6 @@ from revcol.core.network import find_backbone, find_backbones
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
-TINY_CLASSIFIER = {"channels": TINY_CHANNELS, "layers": (1, 1, 1, 1), "num_subnet": 2}
-
 
 # --------------------------------------------------------------------------- layout
 
@@ -37,9 +36,11 @@ TINY_CLASSIFIER = {"channels": TINY_CHANNELS, "layers": (1, 1, 1, 1), "num_subne
 @pytest.mark.parametrize("build", ["fullnet", "huge_wiring", "classifier"])
 def test_every_parameter_and_buffer_is_contiguous_and_the_state_dict_saves(build, tmp_path):
     if build == "classifier":
-        model = timm.create_model("revcol_tiny", num_classes=5, **TINY_CLASSIFIER)
+        model = timm.create_model("revcol_tiny", num_classes=5, **TINY_CONFIG)
     else:
-        model = FullNet(TINY_CHANNELS, (1, 2, 1, 1), 3, level0_from_coarsest=build == "huge_wiring")
+        model = FullNet(
+            **{**TINY_CONFIG, "layers": (1, 2, 1, 1), "num_subnet": 3}, level0_from_coarsest=build == "huge_wiring"
+        )
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
     assert any(t.dim() == 4 for t in tensors.values())
     assert [name for name, t in tensors.items() if not t.is_contiguous()] == []
@@ -54,7 +55,7 @@ def test_every_parameter_and_buffer_is_contiguous_and_the_state_dict_saves(build
 
 def test_activations_still_run_channels_last():
     """The design keeps channels-last activations (docs/design.md, "Data path"), whatever the input layout."""
-    model = make_net(num_subnet=2).eval()
+    model = make_net().eval()
     with torch.no_grad():
         outputs = model(make_input(1, 64, 64))
     assert all(o.is_contiguous(memory_format=torch.channels_last) for o in outputs)
@@ -86,7 +87,7 @@ def test_ultralytics_backbone_exports_to_a_file_fullnet_loads(suffix, tmp_path):
 
 
 def test_save_backbone_of_a_classifier_writes_the_backbone_only(tmp_path):
-    model = timm.create_model("revcol_tiny", num_classes=7, **TINY_CLASSIFIER)
+    model = timm.create_model("revcol_tiny", num_classes=7, **TINY_CONFIG)
     path = save_backbone(model, tmp_path / "b.safetensors")
     keys = set(safetensors.torch.load_file(path))
     assert keys == {k for k in model.state_dict() if not k.startswith("cls.")}
@@ -107,7 +108,7 @@ def test_find_backbone_finds_the_one_backbone_of_any_module_or_says_how_many(tmp
     yolo_path = tmp_path / "tiny-revcol.yaml"
     yolo_path.write_text(TINY_YOLO_YAML)
     yolo = YOLO(str(yolo_path))
-    classifier = timm.create_model("revcol_tiny", num_classes=3, **TINY_CLASSIFIER)
+    classifier = timm.create_model("revcol_tiny", num_classes=3, **TINY_CONFIG)
     assert find_backbone(net, "this") is net
     assert find_backbone(yolo, "this") is yolo.model.model[0]
     assert find_backbone(classifier, "this") is classifier
@@ -160,7 +161,7 @@ def test_save_backbone_killed_at_random_moments_leaves_a_whole_file(suffix, tmp_
         state = read_checkpoint(path)
         (round_number,) = {float(v.flatten()[0]) for v in state.values()}  # one save's tensors, not two mixed
         assert all(bool((v == round_number).all()) for v in state.values())
-    save_backbone(make_net(num_subnet=2), path)  # the next save sweeps what the killed ones left
+    save_backbone(make_net(), path)  # the next save sweeps what the killed ones left
     assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".part")]
 
 
@@ -175,9 +176,9 @@ def test_save_backbone_on_a_full_disk_keeps_the_previous_file(suffix, source, tm
         import torch
         from revcol import CheckpointError
         from revcol.checkpoints.backbone import save_backbone
-        from revcol_helpers import make_net, revcol_env
+        from helpers.models import make_net
 
-        model = make_net(num_subnet=2, dtype=torch.float32, seed=99)
+        model = make_net(dtype=torch.float32, seed=99)
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, like ENOSPC
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
         try:
@@ -186,8 +187,7 @@ def test_save_backbone_on_a_full_disk_keeps_the_previous_file(suffix, source, tm
             print("error:", error)
         """
     )
-    env = revcol_env(tmp_path / "env")
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env["PYTHONPATH"]])
+    env = revcol_env(tmp_path / "env", tests_on_path=True)
     result = subprocess.run(
         [sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120, env=env, check=False
     )

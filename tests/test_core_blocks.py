@@ -9,7 +9,7 @@ import math
 import pytest
 import timm.layers
 import torch
-from revcol_helpers import TINY_CHANNELS, make_input, make_net
+from helpers.models import TINY_CONFIG, make_input, make_net
 
 from revcol import FullNet
 
@@ -103,15 +103,15 @@ def test_trunc_normal_redraws_everything_outside_its_bounds():
 
 def test_construction_is_seeded_and_respects_default_device():
     torch.manual_seed(3)
-    a = FullNet(TINY_CHANNELS, (1, 1, 1, 1), 2)
+    a = FullNet(**TINY_CONFIG)
     torch.manual_seed(3)
-    b = FullNet(TINY_CHANNELS, (1, 1, 1, 1), 2)
-    c = FullNet(TINY_CHANNELS, (1, 1, 1, 1), 2)
+    b = FullNet(**TINY_CONFIG)
+    c = FullNet(**TINY_CONFIG)
     for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
         assert torch.equal(pa, pb), name
     assert not torch.equal(a.subnet1.level2.blocks[0].pwconv1.weight, c.subnet1.level2.blocks[0].pwconv1.weight)
     with torch.device("meta"):
-        m = FullNet(TINY_CHANNELS, (1, 1, 1, 1), 2)
+        m = FullNet(**TINY_CONFIG)
     assert all(p.is_meta for p in m.parameters())
 
 

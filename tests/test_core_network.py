@@ -11,11 +11,13 @@ import pytest
 import timm
 import torch
 import yaml
-from revcol_helpers import STRIDES, TINY_CHANNELS, TINY_CONFIG, TINY_YOLO_YAML, make_input, make_net, randomize_
+from helpers.models import STRIDES, TINY_CHANNELS, TINY_CONFIG, make_input, make_net
+from helpers.yamls import TINY_YOLO_YAML
 
 import revcol
 from revcol import ConfigError, FullNet, SubNet
 from revcol.core.network import MAX_CHANNELS, MAX_COLUMNS, MAX_DEPTH, MAX_KERNEL, MAX_PARAMETERS, parameter_count
+from revcol.diagnostics import randomize_
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -26,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("torch_single_thread")
 @pytest.mark.parametrize(("h", "w"), [(32, 32), (64, 96)])
 @pytest.mark.parametrize("train", [False, True])
 def test_output_shapes_strides_and_channels(h, w, train):
-    model = make_net(num_subnet=2, dtype=torch.float32, randomize=False).train(train)
+    model = make_net(dtype=torch.float32, randomize=False).train(train)
     outputs = model(make_input(2, h, w, dtype=torch.float32))
     assert isinstance(outputs, list)
     assert len(outputs) == 4
@@ -95,7 +97,7 @@ def test_feature_info_modules_output_exactly_the_returned_maps(
 
 def test_feature_info_would_catch_a_module_before_the_column_update():
     """The check above can fail: the level modules (the old feature_info) return the maps before the update."""
-    model = make_net(num_subnet=2).eval()
+    model = make_net().eval()
     model.feature_info = [{**i, "module": f"subnet1.level{k}"} for k, i in enumerate(model.feature_info)]
     with torch.no_grad():
         outputs, seen = _hooked_outputs(model, make_input())

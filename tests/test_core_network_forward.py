@@ -5,19 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from design_reference import reference_forward
-from revcol_helpers import (
-    STRIDES,
-    TINY_CHANNELS,
-    assert_close_per_tensor,
-    make_input,
-    make_net,
-    run_grads,
-    set_alphas,
-)
+from helpers.design_reference import reference_forward
+from helpers.models import STRIDES, TINY_CHANNELS, assert_close_per_tensor, make_input, make_net, set_alphas
 
 from revcol import ReverseFunction, SubNet
 from revcol.core.network import bounded_alpha
+from revcol.diagnostics import gradients
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -53,7 +46,7 @@ def test_train_mode_without_drop_path_equals_eval_for_both_paths():
 @pytest.mark.parametrize("train", [False, True])
 def test_outputs_seen_by_global_forward_hooks_are_never_overwritten(train):
     """A hook that keeps every module output (as feature extractors do) sees each one unchanged afterwards."""
-    model = make_net(layers=(2, 1, 1, 1), num_subnet=2, drop_path=0.2).train(train)
+    model = make_net(layers=(2, 1, 1, 1), drop_path=0.2).train(train)
     kept = []
 
     def keep(module, args, output):
@@ -75,7 +68,7 @@ def test_outputs_seen_by_global_forward_hooks_are_never_overwritten(train):
 def test_a_forward_hook_on_any_module_fires(train):
     """Hooks on every named module (``stem``, columns, levels, fusions, blocks, output points) see the forward, on
     the plain path and the reversible one: no module's forward is bypassed by calling its children directly."""
-    model = make_net(layers=(2, 1, 1, 1), num_subnet=2, drop_path=0.2).train(train)
+    model = make_net(layers=(2, 1, 1, 1), drop_path=0.2).train(train)
     assert model.save_memory
     fired = set()
     handles = [m.register_forward_hook(lambda m, a, o, n=n: fired.add(n)) for n, m in model.named_modules()]
@@ -89,7 +82,7 @@ def test_a_forward_hook_on_any_module_fires(train):
 
 def test_column_inputs_are_recovered_from_its_outputs():
     """A column's inputs are recovered exactly from x and its outputs, level 3 first (docs/design.md)."""
-    model = make_net(num_subnet=2)
+    model = make_net()
     subnet: SubNet = model.subnet1
     x = make_input(2, 64, 64)
     with torch.no_grad():
@@ -153,7 +146,7 @@ def test_training_step_edits_no_parameter_in_place():
     set_alphas(model, 0.0)
     versions = {n: p._version for n, p in model.named_parameters()}
     for save_memory in (True, False):
-        run_grads(model, make_input(), save_memory=save_memory)
+        gradients(model, make_input(), save_memory=save_memory)
     assert {n: p._version for n, p in model.named_parameters()} == versions
     assert all(bool((a == 0).all()) for s in model.subnets for a in s.alphas)
 
@@ -162,7 +155,7 @@ def test_training_step_edits_no_parameter_in_place():
 
 
 def test_non_contiguous_and_channels_last_inputs_give_same_outputs_and_gradients():
-    model = make_net(num_subnet=2, drop_path=0.2)
+    model = make_net(drop_path=0.2)
     x = make_input(2, 64, 64)
     wide = torch.zeros(2, 3, 64, 128, dtype=torch.float64)
     wide[..., ::2] = x
@@ -175,20 +168,20 @@ def test_non_contiguous_and_channels_last_inputs_give_same_outputs_and_gradients
     assert not layouts["strided"].is_contiguous()
     assert not layouts["transposed"].is_contiguous()
     for save_memory in (True, False):
-        ref_out, ref = run_grads(model, x, save_memory=save_memory, seed=2)
+        ref_out, ref = gradients(model, x, save_memory=save_memory, seed=2)
         for name, variant in layouts.items():
-            out, grads = run_grads(model, variant, save_memory=save_memory, seed=2)
+            out, grads = gradients(model, variant, save_memory=save_memory, seed=2)
             for a, e in zip(out, ref_out, strict=True):
                 torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12, msg=name)
             assert_close_per_tensor(grads, ref, tol=1e-10, what=f"{name} gradient")
 
 
 def test_channels_last_model():
-    model = make_net(num_subnet=2)
+    model = make_net()
     x = make_input(2, 64, 64)
-    ref_out, ref = run_grads(model, x, save_memory=True)
+    ref_out, ref = gradients(model, x, save_memory=True)
     model = model.to(memory_format=torch.channels_last)
-    out, grads = run_grads(model, x.contiguous(memory_format=torch.channels_last), save_memory=True)
+    out, grads = gradients(model, x.contiguous(memory_format=torch.channels_last), save_memory=True)
     for a, e in zip(out, ref_out, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
     assert_close_per_tensor(grads, ref, tol=1e-10)
@@ -200,11 +193,11 @@ def test_channels_last_model():
 @pytest.mark.parametrize("save_memory", [True, False])
 def test_empty_batch_returns_empty_maps_and_zero_gradients(save_memory):
     """Decision: N=0 works (as for any conv net) and gives empty maps of the right shape."""
-    model = make_net(num_subnet=2, drop_path=0.2, dtype=torch.float32)
+    model = make_net(drop_path=0.2, dtype=torch.float32)
     x = torch.zeros(0, 3, 64, 96)
     with torch.no_grad():
         eval_out = model.eval()(x)
-    out, grads = run_grads(model, x, save_memory=save_memory)
+    out, grads = gradients(model, x, save_memory=save_memory)
     for outputs in (eval_out, out):
         assert [tuple(o.shape) for o in outputs] == [
             (0, c, 64 // s, 96 // s) for c, s in zip(TINY_CHANNELS, STRIDES, strict=True)

@@ -4,6 +4,7 @@ against a table computed by hand, and the lr factor of each depth."""
 from __future__ import annotations
 
 import pytest
+from helpers.models import TINY_CHANNELS
 
 from revcol import FullNet
 from revcol.core.param_groups import depth_map, layer_id, lr_scale, num_layers
@@ -50,7 +51,7 @@ def test_layer_ids_and_lr_scales(name, expected):
 
 
 def test_every_backbone_parameter_has_a_depth_and_the_head_keeps_the_base_lr():
-    net = FullNet([8, 16, 24, 32], LAYERS, COLUMNS)
+    net = FullNet(TINY_CHANNELS, LAYERS, COLUMNS)
     ids = {name: layer_id(name, LAYERS, COLUMNS) for name, _ in net.named_parameters()}
     assert set(ids.values()) == set(range(8))  # stem 0 ... the last column's last block 7
     assert lr_scale("model.9.weight", LAYERS, COLUMNS, 0.85) == 1.0

@@ -4,20 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from revcol_helpers import (
-    TINY_CONFIG,
-    assert_close_per_tensor,
-    count_nonzero_grads,
-    make_input,
-    make_net,
-    relative_error,
-    run_grads,
-    set_alphas,
-)
+from helpers.models import TINY_CONFIG, assert_close_per_tensor, count_nonzero_grads, make_input, make_net, set_alphas
 
 import revcol
 from revcol import ReverseFunction
 from revcol.core.network import ALPHA_BOUND, bounded_alpha
+from revcol.diagnostics import gradients, relative_error
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -42,9 +34,9 @@ def test_float64_gradients_equal_plain_autograd(num_subnet, drop_path, monkeypat
     model = make_net(layers=(1, 2, 1, 1), num_subnet=num_subnet, drop_path=drop_path)
     x = make_input(4, 64, 32)
     spy = ApplySpy(monkeypatch)
-    plain_out, plain = run_grads(model, x, save_memory=False, seed=7)
+    plain_out, plain = gradients(model, x, save_memory=False, seed=7)
     assert spy.calls == 0
-    rev_out, rev = run_grads(model, x, save_memory=True, seed=7)
+    rev_out, rev = gradients(model, x, save_memory=True, seed=7)
     assert spy.calls == num_subnet
 
     for a, e in zip(rev_out, plain_out, strict=True):
@@ -56,7 +48,7 @@ def test_float64_gradients_equal_plain_autograd(num_subnet, drop_path, monkeypat
         assert count_nonzero_grads(plain) == len(plain) - 4
     else:
         # masks really dropped something: a different seed gives different gradients
-        _, other = run_grads(model, x, save_memory=False, seed=8)
+        _, other = gradients(model, x, save_memory=False, seed=8)
         with pytest.raises(AssertionError):
             assert_close_per_tensor(other, plain, tol=1e-3)
 
@@ -64,8 +56,8 @@ def test_float64_gradients_equal_plain_autograd(num_subnet, drop_path, monkeypat
 def test_float32_gradients_equal_plain_autograd():
     model = make_net(layers=(2, 1, 2, 1), num_subnet=4, drop_path=0.2, dtype=torch.float32)
     x = make_input(2, 64, 64, dtype=torch.float32)
-    _, plain = run_grads(model, x, save_memory=False, seed=3)
-    _, rev = run_grads(model, x, save_memory=True, seed=3)
+    _, plain = gradients(model, x, save_memory=False, seed=3)
+    _, rev = gradients(model, x, save_memory=True, seed=3)
     assert_close_per_tensor(rev, plain, tol=1e-4)
 
 
@@ -73,14 +65,14 @@ def test_paper_initialisation_gradients_equal_plain_autograd():
     """With the paper's init (gamma 1e-6, alpha 0.5) the blocks barely contribute; grads must still match."""
     model = make_net(num_subnet=3, randomize=False)
     x = make_input()
-    _, plain = run_grads(model, x, save_memory=False)
-    _, rev = run_grads(model, x, save_memory=True)
+    _, plain = gradients(model, x, save_memory=False)
+    _, rev = gradients(model, x, save_memory=True)
     assert_close_per_tensor(rev, plain, tol=1e-9)
 
 
 def test_two_forwards_one_backward_and_retained_graph():
     """Each column's Function keeps its own state: two forwards summed, then backward twice on a kept graph."""
-    model = make_net(num_subnet=2, drop_path=0.4)
+    model = make_net(drop_path=0.4)
     x1, x2 = make_input(2, seed=1), make_input(2, seed=2)
 
     def grads(save_memory):
@@ -97,7 +89,7 @@ def test_two_forwards_one_backward_and_retained_graph():
 
 def test_frozen_stem_and_level_with_input_needing_no_grad():
     """Nothing to differentiate in a level (frozen, input without grad) must not break the backward."""
-    model = make_net(num_subnet=2)
+    model = make_net()
     for p in [*model.stem.parameters(), *model.subnet0.level0.parameters(), model.subnet1.alpha2]:
         p.requires_grad_(False)
     x = make_input()
@@ -183,7 +175,7 @@ def test_reversible_activation_memory_does_not_grow_with_depth():
     x = make_input(2, 64, 64, dtype=torch.float32)
     sizes = {}
     for depth in (1, 3):
-        model = make_net(layers=(depth,) * 4, num_subnet=2, dtype=torch.float32)
+        model = make_net(layers=(depth,) * 4, dtype=torch.float32)
         for save_memory in (False, True):
             model.save_memory = save_memory
             sizes[depth, save_memory] = _saved_bytes(model, x)[0]
@@ -221,8 +213,8 @@ def test_tiny_alpha_reversible_gradients_finite_and_equal_plain(value):
             assert bool((effective.abs() >= ALPHA_BOUND).all())
             assert bool((effective > 0).all()) if value >= 0 else bool((effective < 0).all())
     x = make_input(2, 64, 32)
-    plain_out, plain = run_grads(model, x, save_memory=False, seed=1)
-    rev_out, rev = run_grads(model, x, save_memory=True, seed=1)
+    plain_out, plain = gradients(model, x, save_memory=False, seed=1)
+    rev_out, rev = gradients(model, x, save_memory=True, seed=1)
     assert all(torch.isfinite(o).all() for o in rev_out)
     for a, e in zip(rev_out, plain_out, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
@@ -253,17 +245,17 @@ def test_bf16_autocast_gradients_match_and_recompute_under_autocast():
         for level in subnet.levels
     ]
     try:
-        rev_out, rev = run_grads(model, x, save_memory=True, seed=4, autocast_dtype=torch.bfloat16)
+        rev_out, rev = gradients(model, x, save_memory=True, seed=4, autocast_dtype=torch.bfloat16)
         # backward ran outside the autocast block, yet each level's recompute ran under bf16 autocast
         assert len(states) == 2 * 4 * 3
         assert set(states) == {(True, torch.bfloat16)}
         states.clear()
-        plain_out, plain = run_grads(model, x, save_memory=False, seed=4, autocast_dtype=torch.bfloat16)
+        plain_out, plain = gradients(model, x, save_memory=False, seed=4, autocast_dtype=torch.bfloat16)
         assert len(states) == 4 * 3
     finally:
         for handle in handles:
             handle.remove()
-    _, full = run_grads(model, x, save_memory=False, seed=4)
+    _, full = gradients(model, x, save_memory=False, seed=4)
 
     for a, e in zip(rev_out, plain_out, strict=True):
         assert torch.isfinite(a).all()
@@ -277,7 +269,7 @@ def test_bf16_autocast_gradients_match_and_recompute_under_autocast():
 
 def test_backward_inside_autocast_recomputes_with_forward_state():
     """A forward without autocast is recomputed without autocast, even if backward is called inside one."""
-    model = make_net(num_subnet=2, dtype=torch.float32)
+    model = make_net(dtype=torch.float32)
     states = []
     handles = [
         level.register_forward_hook(lambda m, i, o: states.append(torch.is_autocast_enabled("cpu")))
@@ -307,7 +299,7 @@ def test_backward_inside_autocast_recomputes_with_forward_state():
     ],
 )
 def test_parameter_edited_between_forward_and_backward_raises(parameter):
-    model = make_net(num_subnet=2)
+    model = make_net()
     model.save_memory = True
     outputs = model(make_input())
     with torch.no_grad():
@@ -318,7 +310,7 @@ def test_parameter_edited_between_forward_and_backward_raises(parameter):
 
 def test_frozen_parameter_edited_between_forward_and_backward_raises():
     """A frozen parameter gets no gradient, but the recompute reads it: editing it would go unnoticed."""
-    model = make_net(num_subnet=2)
+    model = make_net()
     model.save_memory = True
     frozen = model.get_parameter("subnet1.level0.blocks.0.pwconv2.weight")
     frozen.requires_grad_(False)
@@ -330,7 +322,7 @@ def test_frozen_parameter_edited_between_forward_and_backward_raises():
 
 
 def test_optimizer_step_after_backward_is_fine():
-    model = make_net(num_subnet=2)
+    model = make_net()
     model.save_memory = True
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for _ in range(2):  # the second forward sees the versions bumped by the first step

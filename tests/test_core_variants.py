@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
-from design_reference import expected_parameters
-from revcol_helpers import STRIDES, TINY_CHANNELS
+from helpers.design_reference import expected_parameters
+from helpers.models import STRIDES, TINY_CONFIG
 
 import revcol
 from revcol import FullNet
@@ -82,7 +82,7 @@ def test_building_runs_no_forward():
     calls = []
     handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda module, args: calls.append(module))
     try:
-        model = FullNet(TINY_CHANNELS, (1, 1, 1, 1), 2)
+        model = FullNet(**TINY_CONFIG)
         with torch.device("meta"):
             revcol.revcol_tiny()
             revcol.build_variant("revcol_base")

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from plugin_helpers import tiny_rtdetr
-from revcol_helpers import revcol_env
+from helpers.plugin import tiny_rtdetr
+from helpers.processes import revcol_env
 
 from revcol.demo.run import PICTURE_SIZE, annotate, available_cores, denoising_queries, offline, training_threads
 from revcol.demo.shapes import CLASSES, MAX_SHAPES, generate_dataset

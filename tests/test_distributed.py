@@ -24,8 +24,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from revcol_helpers import free_port, make_input, make_net, output_weights, relative_error
+from helpers.models import make_input, make_net
+from helpers.processes import free_port
 from torch.nn.parallel import DistributedDataParallel
+
+from revcol.diagnostics import output_weights, relative_error
 
 WORLD = 2
 GLOBAL_BATCH = 4

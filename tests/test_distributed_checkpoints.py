@@ -24,13 +24,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from revcol_helpers import make_net, revcol_env
+from helpers.models import make_net
+from helpers.processes import revcol_env
 
 from revcol import CheckpointError
 from revcol.distributed._folder import CHECKSUMS, SafeReader
 from revcol.distributed.checkpoints import load_checkpoint, save_checkpoint
 
-TESTS = Path(__file__).resolve().parent
 RANDOM_KILLS = 6
 FILE_LIMIT = 64 * 1024  # bytes: smaller than the model's shard, so the shard's write fails midway
 CHILD_TIMEOUT = 150  # seconds for the whole child, all its forks
@@ -47,7 +47,7 @@ class _Touch:
 
 
 def _model(seed: int = 0) -> torch.nn.Module:
-    return make_net(num_subnet=2, dtype=torch.float32, seed=seed)
+    return make_net(dtype=torch.float32, seed=seed)
 
 
 def _filled(model: torch.nn.Module, value: float) -> torch.nn.Module:
@@ -311,8 +311,7 @@ def crashes(tmp_path_factory) -> dict:
         pytest.skip("needs os.fork")
     workdir = tmp_path_factory.mktemp("crashes")
     seed = random.randrange(2**32)
-    env = revcol_env(workdir) | {"OMP_NUM_THREADS": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
+    env = revcol_env(workdir, tests_on_path=True) | {"OMP_NUM_THREADS": "1"}
     code = f"import test_distributed_checkpoints as t; t.crash_child({str(workdir / 'checkpoints' / 'ck')!r}, {seed})"
     done = subprocess.run(
         [sys.executable, "-c", code], cwd=workdir, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT

@@ -1,7 +1,7 @@
 """End to end with Ultralytics on CPU, offline: train, val, predict, reload, safe load, DDP file, resume.
 
-The two tiny detectors (``tiny_models.DETECTORS``) train once per test process (the ``trained`` fixture); the ONNX
-parity of their ``best.pt`` is ``test_export.py``'s.
+The two tiny detectors (``helpers.training.DETECTORS``) train once per test process (the ``trained`` fixture); the
+ONNX parity of their ``best.pt`` is ``test_export.py``'s.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from revcol_helpers import TINY_RTDETR_YAML
-from tiny_models import DETECTORS, IMGSZ, FreshPrediction, Run, predict_in_fresh_processes
+from helpers.models import TINY_CONFIG
+from helpers.training import DETECTORS, FreshPrediction, Run, predict_in_fresh_processes
+from helpers.yamls import IMGSZ, TINY_RTDETR_YAML
 from ultralytics import RTDETR
 
 from revcol import FullNet
@@ -146,7 +147,7 @@ def test_trained_model_never_needs_its_pretrained_file_again(tmp_path):
     """Fine-tune, resume, val, predict and export from a .pt whose YAML names an ImageNet file that is gone."""
     data = generate_dataset(tmp_path / "data", n_train=8, n_val=4, imgsz=IMGSZ, seed=0)
     imagenet = tmp_path / "imagenet.pth"
-    torch.save({"model": FullNet([8, 16, 32, 64], [1, 1, 1, 1], 2).state_dict()}, imagenet)
+    torch.save({"model": FullNet(**TINY_CONFIG).state_dict()}, imagenet)
     yaml_file = tmp_path / "pretrained-rtdetr.yaml"
     yaml_file.write_text(TINY_RTDETR_YAML.replace("drop_path: 0.1}", f"drop_path: 0.1, pretrained: {imagenet}}}"))
     common = {"data": str(data), "imgsz": IMGSZ, "batch": 4, "workers": 0, "device": "cpu", "plots": False,

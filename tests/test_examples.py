@@ -17,7 +17,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from revcol_helpers import free_port, revcol_env
+from helpers.processes import free_port, revcol_env
 
 from revcol import diagnostics
 from revcol.distributed.fsdp import cpu_fsdp_supported

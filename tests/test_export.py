@@ -4,7 +4,7 @@ Through Ultralytics' public entry point (``model.export(format=..., imgsz=64, dy
 (onnxruntime), TorchScript (``torch.jit.load``) and OpenVINO (``openvino.Core``), for RT-DETR and YOLO heads, at 64
 and, for graphs with dynamic shapes, at 96 x 96 and 64 x 96; the bare ``revcol.FullNet`` (RevCol-H's wiring too)
 through ``torch.onnx.export``; and static ONNX of the trained ``best.pt`` of every task's tiny model and both tiny
-detectors (``tiny_models``). The size tests pin down what each runtime does with an input size the graph cannot
+detectors (``helpers.training``). The size tests pin down what each runtime does with an input size the graph cannot
 take (README, *Export*): a traced graph cannot run our Python ``InputError`` check.
 """
 
@@ -23,15 +23,16 @@ import openvino
 import pytest
 import torch
 import ultralytics
+from helpers.models import STRIDES, TINY_CONFIG
+from helpers.training import DETECTORS, TASKS
+from helpers.yamls import IMGSZ, TINY_RTDETR_YAML, TINY_YOLO_YAML
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
-from revcol_helpers import TINY_CHANNELS, TINY_RTDETR_YAML, TINY_YOLO_YAML, randomize_
-from tiny_models import DETECTORS, TASKS
 from ultralytics import RTDETR, YOLO
 from ultralytics.utils.checks import check_version
 
 from revcol import FullNet, InputError
+from revcol.diagnostics import randomize_
 
-IMGSZ = 64
 # float32 rounding only (every runtime computes in float32 here), as in test_e2e. YOLO's box rows are pixel
 # coordinates, and with randomized weights some reach the hundreds, where one float32 step is already ~6e-5: the
 # relative term (1e-5, about 80 steps) covers those; RT-DETR's outputs are in [0, 1] and meet the absolute 1e-4.
@@ -204,15 +205,15 @@ def test_dynamic_export_matches_pytorch_at_other_sizes(exported, eager, name, fm
 
 
 @pytest.mark.parametrize(
-    ("channels", "layers", "level0_from_coarsest"),
-    [((8, 16, 32, 64), (1, 1, 1, 1), False), (TINY_CHANNELS, (1, 2, 1, 1), True)],
+    ("config", "level0_from_coarsest"),
+    [(TINY_CONFIG, False), ({**TINY_CONFIG, "layers": (1, 2, 1, 1)}, True)],
     ids=["plain", "revcol-h-wiring"],
 )
-def test_fullnet_dynamic_onnx_matches_its_four_outputs(tmp_path, channels, layers, level0_from_coarsest):
+def test_fullnet_dynamic_onnx_matches_its_four_outputs(tmp_path, config, level0_from_coarsest):
     """The bare backbone through ``torch.onnx.export`` with dynamic batch and sizes, also RevCol-H's level-3 ->
     level-0 branch (``level0_from_coarsest``)."""
     torch.manual_seed(0)
-    net = FullNet(channels, layers, num_subnet=2, kernel_size=3, level0_from_coarsest=level0_from_coarsest)
+    net = FullNet(**config, kernel_size=3, level0_from_coarsest=level0_from_coarsest)
     randomize_(net)
     net.eval()
     path = tmp_path / "fullnet.onnx"
@@ -228,7 +229,7 @@ def test_fullnet_dynamic_onnx_matches_its_four_outputs(tmp_path, channels, layer
         with torch.no_grad():
             expected = [c.numpy() for c in net(x)]
         actual = session.run(names, {"images": x.numpy()})
-        shapes = [(n, c, h // s, w // s) for c, s in zip(channels, (4, 8, 16, 32), strict=True)]
+        shapes = [(n, c, h // s, w // s) for c, s in zip(config["channels"], STRIDES, strict=True)]
         assert [a.shape for a in actual] == shapes
         for a, e in zip(actual, expected, strict=True):
             _assert_matches(a, e)

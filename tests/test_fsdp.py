@@ -1,6 +1,6 @@
 """FSDP2 (``revcol.distributed``) as a user runs it: ``torchrun`` processes on CPU, gloo on 127.0.0.1.
 
-The ranks (``tests/fsdp_worker.py``) check gradients and parameters against a single-process run; this file
+The ranks (``tests/helpers/fsdp_worker.py``) check gradients and parameters against a single-process run; this file
 launches them on one node (2 ranks) and on two nodes of one rank each (two ``torchrun`` agents meeting at a
 loopback rendezvous), then loads the sharded checkpoint they wrote into an unsharded model here, on one process.
 """
@@ -16,13 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from revcol_helpers import free_port, make_net, revcol_env
+from helpers.models import TINY_CHANNELS, make_net
+from helpers.processes import free_port, revcol_env
 
 from revcol import CheckpointError, ConfigError
 from revcol.distributed.checkpoints import load_checkpoint, save_checkpoint
 from revcol.distributed.fsdp import cpu_fsdp_supported, shard
 
-WORKER = Path(__file__).resolve().parent / "fsdp_worker.py"
+WORKER = Path(__file__).resolve().parent / "helpers" / "fsdp_worker.py"
 TIMEOUT = 180  # seconds for one launch, all its ranks (about 15 s on 2 busy cores)
 
 pytestmark = pytest.mark.skipif(
@@ -38,7 +39,7 @@ def _torchrun(*args: str) -> list[str]:
 
 def _launch(commands: list[list[str]], out: Path, tmp_path: Path) -> list[str]:
     """Start every command in its own process group; wait for all, killing all of them on failure or timeout."""
-    env = revcol_env(tmp_path) | {"OMP_NUM_THREADS": "1"}
+    env = revcol_env(tmp_path, tests_on_path=True) | {"OMP_NUM_THREADS": "1"}
     procs = [
         subprocess.Popen(
             [*command, "--out", str(out)],
@@ -114,27 +115,27 @@ def test_two_nodes_of_one_rank_each(tmp_path):
 
 @pytest.mark.skipif(cpu_fsdp_supported(), reason="this torch's FSDP2 runs on the CPU (tested above)")
 def test_old_torch_refuses_cpu_fsdp():
-    model = make_net(num_subnet=2, dtype=torch.float32)
+    model = make_net(dtype=torch.float32)
     with pytest.raises(ConfigError, match=r"FSDP2 on the CPU does not work with torch 2\.6.*record_event"):
         shard(model)
     assert not any(hasattr(m, "unshard") for m in model.modules())  # nothing was sharded
 
 
 def test_checkpoint_of_another_model_is_a_clear_error(tmp_path):
-    save_checkpoint(tmp_path / "ck", make_net(num_subnet=2, dtype=torch.float32))
+    save_checkpoint(tmp_path / "ck", make_net(dtype=torch.float32))
     with pytest.raises(
         CheckpointError,
         match=r"checkpoint of another model: 64 tensors of this model missing from it \[subnet2\.alpha0",
     ):
         load_checkpoint(tmp_path / "ck", make_net(num_subnet=3, dtype=torch.float32))
-    wider = make_net(channels=(8, 16, 24, 40), num_subnet=2, dtype=torch.float32)
+    wider = make_net(channels=(*TINY_CHANNELS[:-1], 40), dtype=torch.float32)
     with pytest.raises(CheckpointError, match=r"checkpoint of another model: \S+ has shape"):
         load_checkpoint(tmp_path / "ck", wider)
     with pytest.raises(CheckpointError, match="holds no optimizer state"):
-        model = make_net(num_subnet=2, dtype=torch.float32)
+        model = make_net(dtype=torch.float32)
         load_checkpoint(tmp_path / "ck", model, torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(CheckpointError, match=r"not a torch\.distributed\.checkpoint folder"):
-        load_checkpoint(tmp_path, make_net(num_subnet=2, dtype=torch.float32))
+        load_checkpoint(tmp_path, make_net(dtype=torch.float32))
 
 
 def test_shard_needs_one_backbone_and_a_valid_policy():

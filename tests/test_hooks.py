@@ -206,8 +206,8 @@ def denoising(model_yaml: Path, denoising_queries) -> dict[str, list[int]]:
 
 def run_probe(work: Path) -> dict:
     """The tiny dataset and models in ``work``, then ``probe`` in a fresh interpreter; its report."""
-    from plugin_helpers import without_revcol
-    from revcol_helpers import TINY_RTDETR_YAML, TINY_YOLO_YAML, revcol_env
+    from helpers.processes import revcol_env
+    from helpers.yamls import TINY_OPTIONS, TINY_RTDETR_YAML, TINY_YOLO_YAML, revcol_row, tiny_yaml, without_revcol
 
     from revcol.demo import generate_dataset
     from revcol.ultralytics import hooks
@@ -216,8 +216,7 @@ def run_probe(work: Path) -> dict:
     for name, text in zip(MODELS, (TINY_YOLO_YAML, TINY_RTDETR_YAML), strict=True):
         (work / name).write_text(text)
         (work / f"plain-{name}").write_text(without_revcol(text))
-    backbone = "[-1, 1, revcol, [{channels: [8, 16, 24, 32], layers: [1, 1, 1, 1], num_subnet: 2}]]"
-    (work / "cls.yaml").write_text(f"nc: 3\nbackbone:\n  - {backbone}\nhead:\n  - [-1, 1, Classify, [nc]]\n")
+    (work / "cls.yaml").write_text(tiny_yaml("[-1, 1, Classify, [nc]]", backbone=revcol_row(TINY_OPTIONS), neck=""))
     modules = {"ultralytics", *(h.owner.partition(":")[0] for h in hooks.HOOKS), *(h.subclasses for h in hooks.HOOKS)}
     command = [sys.executable, __file__, str(work), *sorted(filter(None, modules))]
     out = subprocess.run(command, cwd=work, env=revcol_env(work), capture_output=True, text=True, timeout=600)

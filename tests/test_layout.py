@@ -9,6 +9,7 @@ import pickle
 from pathlib import Path
 
 import pytest
+from helpers.models import TINY_CONFIG
 
 import revcol
 from revcol import _legacy
@@ -119,7 +120,7 @@ def test_old_module_paths_still_import(old):
 
 
 def test_an_object_pickled_under_an_old_path_loads_as_today():
-    net = revcol.FullNet([8, 8, 8, 8], [1, 1, 1, 1], 2)
+    net = revcol.FullNet(**TINY_CONFIG)
     # the GLOBAL opcodes a file written before the module map holds: revcol.model.<Class>
     data = pickle.dumps(net, protocol=2).replace(b"revcol.core.network", b"revcol.model")
     data = data.replace(b"revcol.core.blocks", b"revcol.model")

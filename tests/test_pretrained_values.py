@@ -20,10 +20,13 @@ import safetensors.torch
 import timm
 import torch
 import yaml
-from revcol_helpers import TINY_CHANNELS, TINY_RTDETR_YAML, WeightsServer, assert_same_weights, make_net
+from helpers.checkpoints import assert_same_weights
+from helpers.models import TINY_SPEC, make_net
+from helpers.server import WeightsServer
+from helpers.yamls import TINY_RTDETR_YAML
 
 import revcol
-from revcol import CheckpointError, ConfigError, FullNet, VariantSpec, timm_models
+from revcol import CheckpointError, ConfigError, FullNet, timm_models
 from revcol.checkpoints.backbone import read_backbone
 from revcol.ultralytics import yaml_rows as contract
 from revcol.weights import cache as weights_cache
@@ -84,7 +87,7 @@ def test_the_k7_tags_imply_kernel_size_7_without_building_or_the_network():
 
 
 def test_build_variant_with_pretrained(source, tmp_path, monkeypatch):
-    monkeypatch.setitem(revcol.VARIANTS, "revcol_test", VariantSpec(TINY_CHANNELS, (1, 1, 1, 1), 2, 0.1))
+    monkeypatch.setitem(revcol.VARIANTS, "revcol_test", TINY_SPEC)
     path = tmp_path / "w.pth"
     torch.save({"model": source.state_dict()}, path)
     model = revcol.build_variant("revcol_test", pretrained=path)
@@ -92,7 +95,7 @@ def test_build_variant_with_pretrained(source, tmp_path, monkeypatch):
 
 
 def test_build_variant_and_yaml_option_read_safetensors(source, tmp_path, monkeypatch):
-    monkeypatch.setitem(revcol.VARIANTS, "revcol_test", VariantSpec(TINY_CHANNELS, (1, 1, 1, 1), 2, 0.1))
+    monkeypatch.setitem(revcol.VARIANTS, "revcol_test", TINY_SPEC)
     path = tmp_path / "w.safetensors"
     safetensors.torch.save_file(source.state_dict(), path)
     assert_same_weights(revcol.build_variant("revcol_test", pretrained=path), source)
@@ -103,7 +106,7 @@ def test_build_variant_and_yaml_option_read_safetensors(source, tmp_path, monkey
 # --------------------------------------------------------------------------- published files in the authors' layouts
 
 FAKE = "fake_revcol_downstream"  # not revcol*: timm keeps registrations, and test_timm_models lists revcol* models
-FAKE_SPEC = VariantSpec(TINY_CHANNELS, (1, 1, 1, 1), 2, 0.1)
+FAKE_SPEC = TINY_SPEC
 COCO_ENTRY = PublishedWeights(FAKE, "in1k_ft_coco", "cmr_fake_3x.pth", 800, None, None, False, "detection", COCO)
 ADE_ENTRY = PublishedWeights(
     FAKE, "megdata_ft_ade20k", "upernet_fake.pth", 640, None, None, False, "segmentation", ADE, kernel_size=7
@@ -142,9 +145,9 @@ def _save(obj: object) -> bytes:
 
 def _backbones() -> dict[str, dict[str, torch.Tensor]]:
     return {
-        "coco": make_net(num_subnet=2, dtype=torch.float32, seed=7).state_dict(),
-        "ade": make_net(num_subnet=2, kernel_size=7, dtype=torch.float32, seed=8).state_dict(),
-        "k7": make_net(num_subnet=2, kernel_size=7, dtype=torch.float32, seed=9).state_dict(),
+        "coco": make_net(dtype=torch.float32, seed=7).state_dict(),
+        "ade": make_net(kernel_size=7, dtype=torch.float32, seed=8).state_dict(),
+        "k7": make_net(kernel_size=7, dtype=torch.float32, seed=9).state_dict(),
     }
 
 

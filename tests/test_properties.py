@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.models import STRIDES, assert_close_per_tensor, make_input, make_net
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from revcol_helpers import STRIDES, assert_close_per_tensor, make_input, make_net, run_grads
+
+from revcol.diagnostics import gradients
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -44,8 +46,8 @@ def test_output_shapes_width_list_and_reversible_gradients(config):
     x = make_input(n, h, w)
     with torch.no_grad():
         eval_out = model.eval()(x)
-    plain_out, plain = run_grads(model, x, save_memory=False, seed=9)
-    rev_out, rev = run_grads(model, x, save_memory=True, seed=9)
+    plain_out, plain = gradients(model, x, save_memory=False, seed=9)
+    rev_out, rev = gradients(model, x, save_memory=True, seed=9)
 
     expected = [(n, c, h // s, w // s) for c, s in zip(channels, STRIDES, strict=True)]
     for outputs in (eval_out, plain_out, rev_out):

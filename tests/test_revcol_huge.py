@@ -8,19 +8,13 @@ import math
 import pytest
 import torch
 import yaml
-from design_reference import expected_parameters, reference_forward, up2_parameters
-from revcol_helpers import (
-    TINY_CHANNELS,
-    TINY_CONFIG,
-    TINY_RTDETR_YAML,
-    assert_close_per_tensor,
-    make_input,
-    randomize_,
-    run_grads,
-)
+from helpers.design_reference import expected_parameters, reference_forward, up2_parameters
+from helpers.models import TINY_CHANNELS, TINY_CONFIG, assert_close_per_tensor, make_input
+from helpers.yamls import TINY_RTDETR_YAML
 
 import revcol
 from revcol import CheckpointError, FullNet, RevColBackbone, load_pretrained, weights
+from revcol.diagnostics import gradients, randomize_
 from revcol.factory import revcol_huge
 from revcol.weights import cache as weights_cache
 from revcol.weights import published as weights_published
@@ -111,8 +105,8 @@ def test_forward_matches_an_independent_reference(layers, num_subnet):
 def test_reversible_gradients_equal_plain_autograd(drop_path):
     model = make_huge_like(num_subnet=3, drop_path=drop_path)
     x = make_input(2, 64, 32)
-    rev_out, rev = run_grads(model, x, save_memory=True)
-    plain_out, plain = run_grads(model, x, save_memory=False)
+    rev_out, rev = gradients(model, x, save_memory=True)
+    plain_out, plain = gradients(model, x, save_memory=False)
     for a, e in zip(rev_out, plain_out, strict=True):
         assert torch.equal(a, e)
     assert_close_per_tensor(rev, plain, tol=1e-9)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from revcol_helpers import TINY_CONFIG, TINY_RTDETR_YAML
+from helpers.models import TINY_CONFIG
+from helpers.yamls import TINY_RTDETR_YAML
 from ultralytics import RTDETR
 from ultralytics.nn import tasks
 

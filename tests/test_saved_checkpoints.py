@@ -1,9 +1,11 @@
 """Checkpoints saved by earlier revcol releases keep loading and giving the same numbers.
 
 ``fixtures/yolo-revcol-tiny-f4fd18d.pt`` was saved by revcol at commit f4fd18d (Ultralytics 8.4.190, torch 2.14):
-``YOLO(revcol_helpers.TINY_YOLO_YAML)`` with every parameter redrawn from ``torch.Generator().manual_seed(0)``, then
-``model.save(...)``. It pickles that layout's classes (``revcol.integration.RevColBackbone``, ``revcol.model.SubNet``,
-timm's ``DropPath`` inside each block). ``...-expected.pt`` holds an input and the eval output that code computed.
+a tiny YOLO (its YAML is in the file: a custom RevCol of channels [8, 16, 32, 64], layers [1, 1, 1, 1], 2 columns,
+drop-path 0.1, a C2f neck and a Detect head) with every parameter redrawn from ``torch.Generator().manual_seed(0)``,
+then ``model.save(...)``. It pickles that layout's classes (``revcol.integration.RevColBackbone``,
+``revcol.model.SubNet``, timm's ``DropPath`` inside each block). ``...-expected.pt`` holds an input and the eval output
+that code computed.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Segment, pose, OBB, classify, semantic, depth and the P2 detectors on a RevCol backbone, end to end on CPU, offline.
 
-Each task trains a tiny model once on a generated dataset (``tiny_models``, ``task_data``), then: val, predict,
-``best.pt`` in a fresh process that never imported ``revcol``, and the trainer's weight-decay groups (the ONNX
-parity of the trained ``best.pt`` is ``test_export.py``'s).
+Each task trains a tiny model once on a generated dataset (``helpers.training``, ``helpers.task_data``), then: val,
+predict, ``best.pt`` in a fresh process that never imported ``revcol``, and the trainer's weight-decay groups (the
+ONNX parity of the trained ``best.pt`` is ``test_export.py``'s).
 The shipped configs are too slow to train here; each is built once by bare name and run forward once.
 Depth exists from Ultralytics 8.4.104: below that, the shipped config must fail with an error naming the version.
 """
@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from revcol_helpers import revcol_env
-from tiny_models import HAS_DEPTH, IMGSZ, RESULT_FIELDS, TASKS, FreshPrediction, Run, predict_in_fresh_processes
+from helpers.plugin import HAS_DEPTH
+from helpers.processes import revcol_env
+from helpers.training import RESULT_FIELDS, TASKS, FreshPrediction, Run, predict_in_fresh_processes
+from helpers.yamls import IMGSZ
 from ultralytics import RTDETR, YOLO
 
 from revcol import ConfigError
@@ -27,7 +29,7 @@ THRESHOLDED = ("masks", "semantic_mask")  # per-pixel decisions: a logit within 
 
 @pytest.fixture(scope="module", params=list(TASKS))
 def run(request, trained) -> Run:
-    """The task's tiny model, trained for an epoch on its dataset (``tiny_models.train``)."""
+    """The task's tiny model, trained for an epoch on its dataset (``helpers.training.train``)."""
     return trained(request.param)
 
 

@@ -15,28 +15,23 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from helpers.checkpoints import assert_same_weights
+from helpers.models import TINY_CONFIG, seeded_images, tiny_timm_model
+from helpers.server import WeightsServer
 from PIL import Image
-from revcol_helpers import (
-    TINY_CHANNELS,
-    WeightsServer,
-    assert_same_weights,
-    randomize_,
-    seeded_images,
-    tiny_timm_model,
-)
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform, resolve_data_config
 
 import revcol
 from revcol import CheckpointError, FullNet, RevColClassifier, VariantSpec, timm_models
+from revcol.diagnostics import randomize_
 from revcol.weights.published import DEFAULT_TAGS, WEIGHTS, PublishedWeights
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 FAKE = "fake_revcol_timm"  # outside the revcol* pattern, so listing the real variants is unaffected
-FAKE_SPEC = VariantSpec(TINY_CHANNELS, (1, 1, 1, 1), 4, 0.0)  # 4 columns: the authors' four supervision heads
+FAKE_SPEC = VariantSpec(**{**TINY_CONFIG, "num_subnet": 4}, drop_path=0.0)  # the authors' four supervision heads
 FAKE_ENTRY = PublishedWeights(FAKE, "in1k", "fake_revcol_timm_1k.pth", 64, 80.0, 7)
 LAYOUT_KEYS = ("stem.", "subnet")
-TINY_CLASSIFIER = {"channels": TINY_CHANNELS, "layers": (1, 1, 1, 1), "num_subnet": 2}
 
 
 # --------------------------------------------------------------------------- the authors' classifier
@@ -188,7 +183,7 @@ def test_pretrained_file_overlay_and_errors(fake_variant, tmp_path):
 @pytest.mark.parametrize(("safe", "name"), [(True, "model.safetensors"), (False, "pytorch_model.bin")])
 def test_save_for_hf_folder_loads_back_with_the_same_logits(safe, name, tmp_path):
     torch.manual_seed(0)
-    model = timm.create_model("revcol_tiny", num_classes=7, **TINY_CLASSIFIER).eval()
+    model = timm.create_model("revcol_tiny", num_classes=7, **TINY_CONFIG).eval()
     with torch.no_grad():
         for key, p in model.named_parameters():
             if key.endswith("gamma"):
@@ -197,7 +192,7 @@ def test_save_for_hf_folder_loads_back_with_the_same_logits(safe, name, tmp_path
     file = tmp_path / "hf" / name
     assert file.is_file() and (tmp_path / "hf" / "config.json").is_file()
     loaded = timm.create_model(
-        "revcol_tiny", pretrained=True, pretrained_cfg_overlay={"file": str(file)}, num_classes=7, **TINY_CLASSIFIER
+        "revcol_tiny", pretrained=True, pretrained_cfg_overlay={"file": str(file)}, num_classes=7, **TINY_CONFIG
     ).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -206,7 +201,7 @@ def test_save_for_hf_folder_loads_back_with_the_same_logits(safe, name, tmp_path
 
 
 def test_save_for_hf_file_of_another_configuration_is_a_clear_error(tmp_path):
-    model = timm.create_model("revcol_tiny", num_classes=7, **TINY_CLASSIFIER)
+    model = timm.create_model("revcol_tiny", num_classes=7, **TINY_CONFIG)
     timm.models.save_for_hf(model, tmp_path / "hf", safe_serialization=True)
     file = tmp_path / "hf" / "model.safetensors"
     with pytest.raises(CheckpointError, match="does not match this RevCol configuration"):
@@ -215,9 +210,7 @@ def test_save_for_hf_file_of_another_configuration_is_a_clear_error(tmp_path):
             pretrained=True,
             pretrained_cfg_overlay={"file": str(file)},
             num_classes=7,
-            channels=TINY_CHANNELS,
-            layers=(1, 1, 1, 1),
-            num_subnet=3,
+            **{**TINY_CONFIG, "num_subnet": 3},
         )
 
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from plugin_helpers import TINY, backbone_with, rtdetr_dict, tiny_rtdetr, write_yaml
+from helpers.models import TINY_CONFIG
+from helpers.plugin import rtdetr_dict, tiny_rtdetr
+from helpers.yamls import TINY_OPTIONS, backbone_with, write_yaml
 from ultralytics import RTDETR, YOLO
 from ultralytics.nn import tasks
 
@@ -17,11 +19,11 @@ from revcol import ConfigError, RevColBackbone
 def test_options_reach_the_backbone():
     backbone = tiny_rtdetr(save_memory=False, drop_path=0.2, kernel_size=5).model[0]
     assert backbone.save_memory is False and backbone.drop_path == 0.2 and backbone.kernel_size == 5
-    assert backbone.width_list == TINY["channels"]
+    assert backbone.width_list == TINY_OPTIONS["channels"]
 
 
 def test_pretrained_option_loads_authors_layout(tmp_path):
-    reference = revcol.FullNet(**TINY)
+    reference = revcol.FullNet(**TINY_CONFIG)
     state = {f"module.{k}": v.clone().normal_() for k, v in reference.state_dict().items()}
     state["module.cls.classifier.weight"] = torch.zeros(10, 32)
     path = tmp_path / "authors.pth"
@@ -33,13 +35,14 @@ def test_pretrained_option_loads_authors_layout(tmp_path):
 
 def test_numpy_integers_work_wherever_ints_do():
     options = {
-        "channels": [np.int64(c) for c in TINY["channels"]],
-        "layers": [np.int32(v) for v in TINY["layers"]],
-        "num_subnet": np.int64(2),
+        "channels": [np.int64(c) for c in TINY_OPTIONS["channels"]],
+        "layers": [np.int32(v) for v in TINY_OPTIONS["layers"]],
+        "num_subnet": np.int64(TINY_OPTIONS["num_subnet"]),
         "kernel_size": np.int16(5),
     }
     backbone = tasks.RTDETRDetectionModel(rtdetr_dict("revcol", options), verbose=False).model[0]
-    assert backbone.channels == tuple(TINY["channels"]) and backbone.num_subnet == 2 and backbone.kernel_size == 5
+    assert (backbone.channels, backbone.num_subnet) == (TINY_CONFIG["channels"], TINY_CONFIG["num_subnet"])
+    assert backbone.kernel_size == 5
     assert all(type(c) is int for c in backbone.width_list)
 
 
@@ -57,10 +60,9 @@ def test_info_reports_gflops():
 
 @pytest.mark.parametrize("rate", [0.85, 1, 0.01])
 def test_lr_decay_option_is_stored_on_the_backbone(rate):
-    custom = {"channels": [8, 16, 24, 32], "layers": [1] * 4, "num_subnet": 2}
-    backbone = RevColBackbone("revcol", {**custom, "lr_decay": rate})
+    backbone = RevColBackbone("revcol", {**TINY_OPTIONS, "lr_decay": rate})
     assert backbone.lr_decay == rate and isinstance(backbone.lr_decay, float)
-    assert RevColBackbone("revcol", custom).lr_decay is None
+    assert RevColBackbone("revcol", TINY_OPTIONS).lr_decay is None
 
 
 @pytest.mark.parametrize("rate", [0, -0.5, 1.5, "0.85", True, None])

@@ -8,7 +8,8 @@ import threading
 
 import pytest
 import torch
-from plugin_helpers import TINY, rtdetr_dict
+from helpers.plugin import rtdetr_dict
+from helpers.yamls import TINY_OPTIONS
 from ultralytics.engine.model import Model
 from ultralytics.nn import tasks
 
@@ -160,7 +161,7 @@ def test_unregister_keeps_a_wrapper_someone_else_put_on_top(unregistered):
         with pytest.raises(KeyError):  # our wrapper inside theirs passes straight through now
             tasks.RTDETRDetectionModel(rtdetr_dict("revcol_tiny"), verbose=False)
         revcol.register()
-        model = tasks.RTDETRDetectionModel(rtdetr_dict("revcol", TINY), verbose=False)
+        model = tasks.RTDETRDetectionModel(rtdetr_dict("revcol", TINY_OPTIONS), verbose=False)
         assert isinstance(model.model[0], RevColBackbone) and len(calls) == 2
     finally:
         revcol.unregister()

@@ -17,18 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from plugin_helpers import (
-    HAS_DEPTH,
-    IMGSZ,
-    TASK_TRAINERS,
-    UserDetectionTrainer,
-    UserSegmentationTrainer,
-    backbone_with,
-    bare_trainer,
-    without_revcol,
-    write_yaml,
-)
-from revcol_helpers import TINY_YOLO_YAML
+from helpers.plugin import HAS_DEPTH, TASK_TRAINERS, UserDetectionTrainer, UserSegmentationTrainer, bare_trainer
+from helpers.yamls import IMGSZ, TINY_YOLO_YAML, backbone_with, without_revcol, write_yaml
 from ultralytics import YOLO
 from ultralytics.models.yolo.detect import DetectionTrainer
 
@@ -155,7 +145,8 @@ def run_worker_file(file: Path, module_dir: Path) -> str:
 def test_ddp_worker_imports_revcol(task, cls, tmp_path):
     """The file Ultralytics' DDP launcher runs rebuilds the trainer with revcol registered, in a fresh interpreter.
 
-    A user's trainer lives in an importable module (here this one, on PYTHONPATH) as Ultralytics requires.
+    A user's trainer lives in an importable module (here ``helpers.plugin``, tests/ on PYTHONPATH) as Ultralytics
+    requires.
     """
     from ultralytics.utils.dist import generate_ddp_file
 

@@ -8,16 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from plugin_helpers import (
-    IMGSZ,
-    TASK_TRAINERS,
-    UserDetectionTrainer,
-    UserSegmentationTrainer,
-    backbone_with,
-    bare_trainer,
-    tiny_rtdetr,
-    write_yaml,
-)
+from helpers.plugin import TASK_TRAINERS, UserDetectionTrainer, UserSegmentationTrainer, bare_trainer, tiny_rtdetr
+from helpers.yamls import IMGSZ, backbone_with, write_yaml
 from ultralytics import YOLO
 
 from revcol import ConfigError

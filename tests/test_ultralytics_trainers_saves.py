@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from revcol_helpers import TINY_YOLO_YAML, revcol_env
+from helpers.processes import revcol_env
+from helpers.yamls import TINY_YOLO_YAML
 
 from revcol.demo import generate_dataset
 

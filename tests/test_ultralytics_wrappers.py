@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from revcol_helpers import TINY_RTDETR_YAML
+from helpers.yamls import TINY_RTDETR_YAML
 from ultralytics import RTDETR
 
 from revcol.ultralytics import yaml_rows

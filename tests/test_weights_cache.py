@@ -2,7 +2,7 @@
 nothing partial behind: broken servers and files, kills mid-download, concurrent downloads, the cache's permissions
 and what may sit in it (``docs/reliability.md``). Deadlines, size bounds, credentials: ``test_weights_http.py``.
 
-Every server is a local one on 127.0.0.1 (``revcol_helpers.WeightsServer``), name look-ups of any other host fail,
+Every server is a local one on 127.0.0.1 (``helpers.server.WeightsServer``), name look-ups of any other host fail,
 and every wait is bounded.
 """
 
@@ -23,17 +23,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from revcol_helpers import (
-    TEST_ENTRY,
-    WeightsServer,
-    closed_port,
-    make_net,
-    needs_another_user,
-    offline_weights,
-    published_checkpoint,
-    revcol_env,
-    run_as_nobody,
-)
+from helpers.models import make_net
+from helpers.processes import needs_another_user, revcol_env, run_as_nobody
+from helpers.server import TEST_ENTRY, WeightsServer, closed_port, offline_weights, published_checkpoint
 
 from revcol import CheckpointError, _atomic
 from revcol.checkpoints.files import read_checkpoint
@@ -112,7 +104,7 @@ def test_urls_release_then_mirror_unless_overridden(monkeypatch):
 
 def test_each_entry_has_its_source_release_then_mirror_or_mirror_only(monkeypatch):
     monkeypatch.delenv("REVCOL_WEIGHTS_URL")
-    # the downstream files (mirror-only too, in other folders): tests/test_downstream_weights.py
+    # the downstream files (mirror-only too, in other folders): test_published_downstream.py
     for entry in (e for tags in WEIGHTS.values() for e in tags.values() if not e.is_downstream):
         mirror = MIRROR + entry.filename
         if entry.filename in MIRROR_ONLY:
@@ -357,7 +349,7 @@ def test_a_cache_filled_by_root_is_readable_by_other_users(shared_folder, serve,
     code = f"from revcol.checkpoints import read_checkpoint\nprint(len(read_checkpoint({str(path)!r})))"
     run = run_as_nobody(code, shared_folder)
     assert run.returncode == 0, run.stderr
-    assert int(run.stdout.strip().splitlines()[-1]) == len(make_net(num_subnet=2).state_dict())
+    assert int(run.stdout.strip().splitlines()[-1]) == len(make_net().state_dict())
 
 
 @pytest.mark.parametrize(("make", "kind"), [(os.mkdir, "a directory"), (os.mkfifo, "a FIFO")])

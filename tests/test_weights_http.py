@@ -1,7 +1,7 @@
 """One download's transfer (``revcol.weights._http``, through ``revcol.weights.download``): deadlines, the minimum
 rate, size bounds, timeouts, credentials, redirects and ``file:`` mirrors (``docs/reliability.md``).
 
-Every server is a local one on 127.0.0.1 (``revcol_helpers.WeightsServer``), name look-ups of any other host fail,
+Every server is a local one on 127.0.0.1 (``helpers.server.WeightsServer``), name look-ups of any other host fail,
 and every test that waits sets short bounds, so none waits long.
 """
 
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from revcol_helpers import TEST_ENTRY, offline_weights
+from helpers.server import TEST_ENTRY, offline_weights
 
 from revcol import CheckpointError
 from revcol.weights import cache as weights_cache

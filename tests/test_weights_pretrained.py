@@ -17,19 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from revcol_helpers import (
-    TEST_ENTRY,
-    TINY_CHANNELS,
-    TINY_RTDETR_YAML,
-    TINY_YOLO_YAML,
-    WeightsServer,
-    make_net,
-    offline_weights,
-    published_checkpoint,
-)
+from helpers.models import TINY_SPEC, make_net
+from helpers.server import TEST_ENTRY, WeightsServer, offline_weights, published_checkpoint
+from helpers.yamls import TINY_RTDETR_YAML, TINY_YOLO_YAML
 
 import revcol
-from revcol import CheckpointError, FullNet, VariantSpec, load_pretrained
+from revcol import CheckpointError, FullNet, load_pretrained
 from revcol.weights import cache as weights_cache
 from revcol.weights import published as weights_published
 from revcol.weights.cache import cache_path
@@ -57,7 +50,7 @@ def checkpoint() -> tuple[bytes, dict[str, torch.Tensor]]:
 @pytest.fixture
 def small_variant(monkeypatch) -> None:
     """``revcol_test``: a small variant whose one published file is ENTRY, so that downloads stay tiny."""
-    monkeypatch.setitem(revcol.VARIANTS, "revcol_test", VariantSpec(TINY_CHANNELS, (1, 1, 1, 1), 2, 0.1))
+    monkeypatch.setitem(revcol.VARIANTS, "revcol_test", TINY_SPEC)
     monkeypatch.setitem(WEIGHTS, "revcol_test", {"in1k": ENTRY})
     monkeypatch.setitem(DEFAULT_TAGS, "revcol_test", "in1k")
 

@@ -6,7 +6,7 @@ Nothing here reaches the network.
 
 from __future__ import annotations
 
-from revcol_helpers import TEST_ENTRY
+from helpers.server import TEST_ENTRY
 
 import revcol
 from revcol.core.network import parameter_count

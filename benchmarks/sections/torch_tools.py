@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks.harness import Config, eval_models, no_grad_forward, train_step
+from benchmarks.harness import TINY, Config, eval_models, no_grad_forward, train_step
 from benchmarks.report import SectionResult, Summary
 from revcol import FullNet
 
@@ -15,7 +15,7 @@ MATMUL_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul")
 
 
 def section_compile(cfg: Config) -> SectionResult:
-    tiny = FullNet((8, 16, 24, 32), (1, 1, 1, 1), 2).eval()
+    tiny = FullNet(**TINY.spec.fullnet_kwargs()).eval()
     x = torch.randn(1, 3, 64, 64)
     try:
         with torch.no_grad():  # the inference path, the one a compiled eval model runs

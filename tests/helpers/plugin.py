@@ -1,15 +1,12 @@
-"""Helpers of the Ultralytics plug-in's tests (``test_ultralytics_*.py``): the shipped RT-DETR config's dict with its
-backbone row renamed, tiny task YAMLs on the tiny RevCol backbone, trainers without a run, and two user trainers
-(at module level: Ultralytics' DDP worker imports a trainer by its module path).
+"""Ultralytics objects for the plug-in's tests (``test_ultralytics_*.py``): the shipped RT-DETR config's dict with its
+backbone row renamed, trainers without a run, and two users' trainers (at module level: Ultralytics' DDP worker
+imports a trainer by its module path, ``helpers.plugin``, with tests/ on PYTHONPATH).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import ultralytics
 import yaml
-from revcol_helpers import TINY_BACKBONE, tiny_yaml
 from ultralytics.cfg import get_cfg
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.models.yolo.segment import SegmentationTrainer
@@ -17,6 +14,7 @@ from ultralytics.nn import tasks
 from ultralytics.utils import DEFAULT_CFG
 from ultralytics.utils.checks import check_version
 
+from helpers.yamls import TINY_OPTIONS
 from revcol.ultralytics import trainers, yaml_rows
 from revcol.ultralytics.trainers import (
     RevColClassificationTrainer,
@@ -28,9 +26,7 @@ from revcol.ultralytics.trainers import (
 )
 
 SEED_YAML = yaml_rows.CONFIG_DIR / "rtdetr-revcol.yaml"
-
-
-TINY = {"channels": [8, 16, 24, 32], "layers": [1, 1, 1, 1], "num_subnet": 2}
+HAS_DEPTH = check_version(ultralytics.__version__, ">=8.4.104")
 
 
 def rtdetr_dict(name: str = "revcol", options: dict | None = None) -> dict:
@@ -41,23 +37,7 @@ def rtdetr_dict(name: str = "revcol", options: dict | None = None) -> dict:
 
 
 def tiny_rtdetr(**options) -> tasks.RTDETRDetectionModel:
-    return tasks.RTDETRDetectionModel(rtdetr_dict("revcol", {**TINY, **options}), verbose=False)
-
-
-IMGSZ = 64
-
-
-HAS_DEPTH = check_version(ultralytics.__version__, ">=8.4.104")
-
-
-HEADS = {
-    "detect": "[[10, 7, 4], 1, Detect, [nc]]",
-    "segment": "[[10, 7, 4], 1, Segment, [nc, 32, 16]]",
-    "pose": "[[10, 7, 4], 1, Pose, [nc, kpt_shape]]",
-    "obb": "[[10, 7, 4], 1, OBB, [nc, 1]]",
-    "semantic": "[[10, 7], 1, SemanticSegment, [nc]]",
-    "depth": "[[10, 7, 4], 1, Depth, [16]]",
-}
+    return tasks.RTDETRDetectionModel(rtdetr_dict("revcol", {**TINY_OPTIONS, **options}), verbose=False)
 
 
 TASK_TRAINERS = {
@@ -69,30 +49,6 @@ TASK_TRAINERS = {
     "semantic": RevColSemanticSegmentationTrainer,
     **({"depth": trainers.RevColDepthTrainer} if HAS_DEPTH else {}),
 }
-
-
-def task_yaml(task: str, backbone: str = TINY_BACKBONE) -> str:
-    """A tiny model YAML of ``task`` on the tiny RevCol backbone."""
-    if task == "classify":
-        return tiny_yaml("[4, 1, Classify, [nc]]  # 5", backbone=backbone, neck="")
-    return tiny_yaml(HEADS[task], backbone=backbone, extra="kpt_shape: [3, 3]\n" if task == "pose" else "")
-
-
-def without_revcol(model_yaml: str) -> str:
-    """A tiny model YAML (``revcol_helpers``) with its RevCol row replaced by five plain convolutions, strides 2-32."""
-    plain_rows = "\n".join(f"  - [-1, 1, Conv, [{c}, 3, 2]]" for c in (16, 16, 16, 32, 64))
-    return model_yaml.replace(f"  - {TINY_BACKBONE}  # 0-4", plain_rows)
-
-
-def backbone_with(options: str) -> str:
-    """The tiny RevCol backbone row with more options, e.g. ``backbone_with("lr_decay: 0.5")``."""
-    return TINY_BACKBONE.replace("drop_path: 0.1}", f"drop_path: 0.1, {options}}}")
-
-
-def write_yaml(tmp_path: Path, task: str, backbone: str = TINY_BACKBONE, name: str = "tiny") -> str:
-    path = tmp_path / f"{name}-revcol-{task}.yaml"
-    path.write_text(task_yaml(task, backbone))
-    return str(path)
 
 
 def bare_trainer(cls: type) -> DetectionTrainer:

@@ -1,10 +1,10 @@
 """Tiny models of every Ultralytics task on a RevCol backbone, and training one of them for an epoch.
 
 ``TASKS``: per task, the shipped config, its head, a tiny YAML of the same layout, its dataset (``task_data``) and
-what val reports; ``DETECTORS``: RT-DETR and YOLO on the tiny backbone of ``revcol_helpers``. ``train`` trains one
-by name on its generated dataset, on the CPU, offline. The ``trained`` fixture (``conftest``) calls it once per name
-and test process: ``test_tasks``, ``test_e2e`` and ``test_export`` share what it trained. ``predict_in_fresh_processes``
-runs trained models' ``best.pt`` in processes that never imported revcol.
+what val reports; ``DETECTORS``: RT-DETR and YOLO of ``yamls``. ``train`` trains one by name on its generated
+dataset, on the CPU, offline. The ``trained`` fixture (``conftest``) calls it once per name and test process:
+``test_tasks``, ``test_e2e`` and ``test_export`` share what it trained. ``predict_in_fresh_processes`` runs trained
+models' ``best.pt`` in processes that never imported revcol.
 """
 
 from __future__ import annotations
@@ -18,25 +18,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import task_data
 import torch
-import ultralytics
-from revcol_helpers import TINY_BACKBONE, TINY_NECK, TINY_RTDETR_YAML, TINY_YOLO_YAML, tiny_yaml
 from ultralytics import RTDETR, YOLO
 from ultralytics.nn import modules
 from ultralytics.nn.modules import OBB, Classify, Detect, Pose, RTDETRDecoder, Segment
-from ultralytics.utils.checks import check_version
 
+from helpers import task_data
+from helpers.plugin import HAS_DEPTH
+from helpers.yamls import IMGSZ, TINY_BACKBONE, TINY_NECK, TINY_RTDETR_YAML, TINY_YOLO_YAML, tiny_yaml
 from revcol.demo import generate_dataset
 
-IMGSZ = 64
-HAS_DEPTH = check_version(ultralytics.__version__, ">=8.4.104")
 SemanticSegment = modules.SemanticSegment  # from 8.4.52, older than the supported floor
 Depth = getattr(modules, "Depth", None)
 
 
-def task_yaml(head: str, neck: str = TINY_NECK, extra: str = "") -> str:
-    """Like the shipped configs, with 80 classes (and 17 keypoints): training takes the dataset's numbers."""
+def like_shipped(head: str, neck: str = TINY_NECK, extra: str = "") -> str:
+    """A tiny model YAML with 80 classes (and 17 keypoints), like the shipped configs: training takes the dataset's
+    numbers."""
     return tiny_yaml(head, neck=neck, nc=80, extra=extra)
 
 
@@ -105,37 +103,37 @@ class Task:
 TASKS = {
     "segment": Task(
         "segment", "yolo-revcol-seg.yaml", Segment,
-        task_yaml("[[10, 7, 4], 1, Segment, [nc, 8, 16]]"),
+        like_shipped("[[10, 7, 4], 1, Segment, [nc, 8, 16]]"),
         task_data.segment_dataset, "metrics/mAP50(M)", {"nc": 2},
     ),
     "pose": Task(
         "pose", "yolo-revcol-pose.yaml", Pose,
-        task_yaml("[[10, 7, 4], 1, Pose, [nc, kpt_shape]]", extra="kpt_shape: [17, 3]\n"),
+        like_shipped("[[10, 7, 4], 1, Pose, [nc, kpt_shape]]", extra="kpt_shape: [17, 3]\n"),
         task_data.pose_dataset, "metrics/mAP50(P)", {"nc": 1, "kpt_shape": [3, 3]},
     ),
     "obb": Task(
         "obb", "yolo-revcol-obb.yaml", OBB,
-        task_yaml("[[10, 7, 4], 1, OBB, [nc, 1]]"),
+        like_shipped("[[10, 7, 4], 1, OBB, [nc, 1]]"),
         task_data.obb_dataset, "metrics/mAP50(B)", {"nc": 2},
     ),
     "classify": Task(
         "classify", "yolo-revcol-cls.yaml", Classify,
-        task_yaml("[-1, 1, Classify, [nc]]", neck=""),
+        like_shipped("[-1, 1, Classify, [nc]]", neck=""),
         task_data.classify_dataset, "metrics/accuracy_top1", {"nc": 2},
     ),
     "semantic": Task(
         "semantic", "yolo-revcol-sem.yaml", SemanticSegment,
-        task_yaml("[[10, 7], 1, SemanticSegment, [nc]]"),
+        like_shipped("[[10, 7], 1, SemanticSegment, [nc]]"),
         task_data.semantic_dataset, "metrics/mIoU", {"nc": 3},
     ),
     **({"depth": Task(
         "depth", "yolo-revcol-depth.yaml", Depth,
-        task_yaml("[[10, 7, 4], 1, Depth, [16]]"),
+        like_shipped("[[10, 7, 4], 1, Depth, [16]]"),
         task_data.depth_dataset, "metrics/delta1", {},
     )} if HAS_DEPTH else {}),
     "yolo-p2": Task(
         "detect", "yolo-revcol-p2.yaml", Detect,
-        task_yaml("[[13, 10, 7], 1, Detect, [nc]]", neck=TINY_P2_NECK),
+        like_shipped("[[13, 10, 7], 1, Detect, [nc]]", neck=TINY_P2_NECK),
         detect_dataset, "metrics/mAP50(B)", {"nc": 3}, reads=(14, 17, 20, 23),
     ),
     "rtdetr-p2": Task(

@@ -2,7 +2,7 @@
 
 Not part of the suite (it needs that file, which is not shipped here). Usage::
 
-    python tests/timm_contract.py path/to/pytorch-image-models/tests/test_models.py [revcol_tiny ...]
+    python tests/helpers/timm_contract.py path/to/pytorch-image-models/tests/test_models.py [revcol_tiny ...]
 
 timm's file parametrizes its tests over timm's model list when it is imported; this script instead calls the
 test functions that apply to every CNN directly, with our names. ``revcol`` is imported first, so the names

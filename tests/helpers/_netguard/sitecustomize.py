@@ -1,4 +1,4 @@
-"""Imported at start-up by the subprocesses of test_cli.py and test_demo.py (they put this folder on PYTHONPATH).
+"""Imported at start-up by the tests' subprocesses (``helpers.processes.revcol_env`` puts this folder on PYTHONPATH).
 
 Logs every attempt to reach the network (name look-ups, IP connections, urllib/http requests) to the
 file named by REVCOL_NETWORK_LOG, so a test can assert that a command tried none.

@@ -1,4 +1,5 @@
-"""One rank of the FSDP2 checks of ``tests/test_fsdp.py``, started by ``torchrun`` (gloo, CPU).
+"""One rank of the FSDP2 checks of ``tests/test_fsdp.py``, started by ``torchrun`` (gloo, CPU) with tests/ on
+PYTHONPATH.
 
 Every rank compares what FSDP2 (``revcol.distributed.shard``) computes with a single-process run of plain
 autograd on an unsharded copy of the model:
@@ -25,10 +26,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from revcol_helpers import make_input, make_net, output_weights, relative_error
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import Shard
 
+from helpers.models import make_input, make_net
+from revcol.diagnostics import output_weights, relative_error
 from revcol.distributed.checkpoints import load_checkpoint, save_checkpoint
 from revcol.distributed.fsdp import shard
 
