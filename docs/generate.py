@@ -15,7 +15,9 @@ NAME is one of ``BLOCKS``. Run from anywhere:
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.metadata
+import inspect
 import re
 import sys
 from collections.abc import Callable
@@ -26,7 +28,7 @@ import torch
 from revcol.cli import info
 from revcol.core.variants import VARIANTS
 from revcol.factory import DEFAULT_KERNEL_SIZE, build_variant
-from revcol.ultralytics import releases, yaml_rows
+from revcol.ultralytics import yaml_rows
 from revcol.weights import WEIGHTS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,31 +89,19 @@ def configs() -> str:
 
 
 def layout() -> str:
-    """The layers a RevCol row expands into."""
-    rows = [[str(layer.index), f"`{layer.module}`", layer.output] for layer in yaml_rows.LAYOUT]
-    return info.markdown_table(["index", "layer", "output"], rows)
+    """The layers a RevCol row expands into, as ``revcol info`` prints them."""
+    return info.layout_table(markdown=True)
 
 
 def options() -> str:
-    """The options a RevCol row takes."""
-
-    def rows_of(option: yaml_rows.Option) -> str:
-        if not option.custom:
-            return "every RevCol row"
-        return "custom `revcol` rows, required" if option.required else "custom `revcol` rows"
-
-    rows = [[f"`{option.name}`", rows_of(option), option.meaning] for option in yaml_rows.OPTIONS]
-    return info.markdown_table(["option", "set on", "meaning"], rows)
+    """The options a RevCol row takes, as ``revcol info`` prints them."""
+    return info.options_table(markdown=True)
 
 
 def release_table() -> str:
-    """The heads newer than some supported Ultralytics releases, and the release each needs."""
-    rows = [
-        [f"`{head}`", since, f"`ultralytics>={releases.head_release(head)}`"]
-        for head, since in releases.HEADS_SINCE.items()
-    ]
-    rows.append(["every other head", "-", f"`ultralytics{releases.supported_range()}` (the supported range)"])
-    return info.markdown_table(["head", "added in Ultralytics", "a RevCol model needs"], rows)
+    """The heads newer than some supported Ultralytics releases, and the release each needs, as ``revcol info``
+    prints them."""
+    return info.releases_table(markdown=True)
 
 
 def config(name: str) -> str:
@@ -165,6 +155,42 @@ def memory() -> str:
     return f"{table}\n\nMedians of {steps} interleaved steps; {machine} (`benchmarks/results-memory.md`)."
 
 
+def _signature(value: object) -> str:
+    """``(a, b=1)`` of a function or class, without annotations (the docstring says what each is); ``""`` else."""
+    if not callable(value):
+        return ""
+    try:
+        signature = inspect.signature(value)
+    except (TypeError, ValueError):
+        return "(...)"
+    bare = [p.replace(annotation=inspect.Parameter.empty) for p in signature.parameters.values()]
+    text = str(signature.replace(parameters=bare, return_annotation=inspect.Signature.empty))
+    return re.sub(r" at 0x[0-9a-f]+>", ">", text)  # a default's address differs between runs
+
+
+def _summary(value: object) -> str:
+    """The first paragraph of ``value``'s own docstring on one line; a constant is described by its value."""
+    if callable(value):
+        return " ".join((inspect.getdoc(value) or "").split("\n\n")[0].split())
+    if isinstance(value, (str, int, float)) and len(repr(value)) <= 80:
+        return f"`{value!r}`"
+    if isinstance(value, (dict, tuple, list, frozenset, set)):
+        items = ", ".join(map(str, value))
+        return f"{type(value).__name__} of {len(value)}: " + (items if len(items) <= 100 else items[:97] + "...")
+    return type(value).__name__
+
+
+def api(module_name: str) -> str:
+    """The public names of ``module_name`` (its ``__all__``), each with its signature and docstring summary."""
+    module = importlib.import_module(module_name)
+    rows = []
+    for name in module.__all__:
+        value = getattr(module, name)
+        cells = [f"`{name}{_signature(value)}`", _summary(value)]
+        rows.append([cell.replace("|", "\\|") for cell in cells])
+    return info.markdown_table(["name", "what it is"], rows)
+
+
 BLOCKS: dict[str, Callable[..., str]] = {
     "variants": variants,
     "weights": weights,
@@ -178,6 +204,7 @@ BLOCKS: dict[str, Callable[..., str]] = {
     "requirements": requirements,
     "huge-per-rank": huge_per_rank,
     "memory": memory,
+    "api": api,
 }
 
 

@@ -3,7 +3,9 @@ temporary folder), and ``main`` called in-process."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import logging
 import re
 import subprocess
@@ -12,11 +14,13 @@ from pathlib import Path
 
 import pytest
 import ultralytics
-from plugin_helpers import TINY
-from revcol_helpers import TINY_RTDETR_YAML, revcol_env
+from helpers.processes import revcol_env
+from helpers.yamls import TINY_OPTIONS, TINY_RTDETR_YAML, revcol_row
 
-from revcol.cli import HELP, main
+from revcol.cli import HELP, help_text, info, main
+from revcol.cli.commands import HELP_ALIASES
 from revcol.demo import generate_dataset
+from revcol.ultralytics import releases, yaml_rows
 
 REVCOL = Path(sys.executable).with_name("revcol")
 
@@ -40,13 +44,18 @@ def test_console_script_is_installed():
     assert REVCOL.is_file(), f"{REVCOL} missing: pip install -e ."
 
 
-@pytest.mark.parametrize("flag", ["help", "--help"])
-def test_help(tmp_path, flag):
-    run = revcol(flag, cwd=tmp_path)
+def test_help(tmp_path):
+    run = revcol("--help", cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert HELP in run.stdout
     for text in ("revcol demo", "revcol info", "train, val, predict, export", "yolo help", "rtdetr-revcol.yaml"):
         assert text in run.stdout, text
+
+
+@pytest.mark.parametrize("flag", sorted(HELP_ALIASES))
+def test_every_help_flag_prints_help(flag, capsys):
+    assert main([flag]) == 0
+    assert capsys.readouterr().out == HELP
 
 
 def test_no_arguments_prints_help(capsys):
@@ -54,16 +63,58 @@ def test_no_arguments_prints_help(capsys):
     assert capsys.readouterr().out == HELP
 
 
-def test_info_table(tmp_path):
-    run = revcol("info", cwd=tmp_path)
-    assert run.returncode == 0, run.stderr
-    variants, published = run.stdout.split("\n\n")[:2]
+def test_help_is_written_from_the_data():
+    assert help_text() == HELP
+    lines = HELP.splitlines()
+    for name in yaml_rows.shipped_configs():  # each with its description (the YAML's first line), once
+        config = info.shipped_config(name)
+        listed = [line for line in lines if line.split()[:1] == [name]]
+        assert len(listed) == 1 and config.description in listed[0], name
+        release = releases.head_release(config.head)
+        assert (f"(ultralytics>={release})" in listed[0]) == (release != releases.supported_floor()), name
+    assert "(ultralytics>=8.4.104)" in next(line for line in lines if "yolo-revcol-depth.yaml" in line)
+    layout = yaml_rows.LAYOUT
+    assert f"expands into layers {layout[0].index}-{layout[-1].index}:" in HELP
+    assert yaml_rows.LAYOUT_TEXT in lines  # the line a ConfigError about a row's layers prints
+    assert yaml_rows.LAYOUT_TEXT.endswith(", ".join(f"{i} stride {4 * 2 ** (i - 1)}" for i in range(1, 5)))
+    assert f"[-1, 1, {yaml_rows.CUSTOM_NAME}, [{yaml_rows.CUSTOM_EXAMPLE}]]" in HELP
+    # measurements live in the benchmark results, not in the help text
+    assert not re.search(r"\b(about|minutes?|seconds?|hours?|core)\b", HELP), HELP
+
+
+def test_shipped_config_headers_describe_the_model_only():
+    """Each shipped config's header is its one-line description and a pointer to `revcol info`: the layer layout
+    and the Ultralytics releases are shown from the data, not restated in comments."""
+    for name in yaml_rows.shipped_configs():
+        lines = (yaml_rows.CONFIG_DIR / name).read_text().splitlines()
+        header = lines[: next(i for i, line in enumerate(lines) if not line.startswith("#"))]
+        config = info.shipped_config(name)
+        assert header[0] == f"# {config.description}" and len(header) <= 2, name
+        assert header[1:] == [
+            "# Backbone layers, row options and the Ultralytics release each head needs: `revcol info`."
+        ]
+        assert not re.search(
+            r"ultralytics>=|\b8\.4\.\d|layers \d-\d|\d = (stride|P\d)|\d stride \d", "\n".join(header), re.I
+        ), name
+
+
+@pytest.fixture(scope="module")
+def info_output(tmp_path_factory) -> str:
+    """What `revcol info` prints, with an empty weights cache (nothing cached here)."""
+    with pytest.MonkeyPatch.context() as monkeypatch, contextlib.redirect_stdout(io.StringIO()) as out:
+        monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch")))
+        assert main(["info"]) == 0
+    return out.getvalue()
+
+
+def test_info_table(info_output, tmp_path, monkeypatch, capsys):
+    variants, published = info_output.split("\n\n")[:2]
     lines = {line.split()[0]: line.split() for line in variants.splitlines() if line.startswith("revcol_")}
     assert list(lines) == ["revcol_tiny", "revcol_small", "revcol_base", "revcol_large", "revcol_xlarge", "revcol_huge"]
     # params (M) as in the paper, and the columns
     assert [row[4] for row in lines.values()] == ["29.9", "60.1", "138.0", "272.1", "832.0", "2154.7"]
     assert lines["revcol_small"][1:4] == ["64-128-256-512", "2-2-4-2", "8"]
-    assert "GFLOPs @224" in run.stdout
+    assert "GFLOPs @224" in info_output
     # the authors' published weights, with the default of pretrained=True marked and none cached here
     rows = [line.split() for line in published.splitlines() if line.startswith("revcol_")]
     assert ["revcol_small", "in1k", "*", "revcol_small_1k.pth", "224", "83.5", "1000", "no"] in rows
@@ -71,19 +122,37 @@ def test_info_table(tmp_path):
     assert ["revcol_huge", "megdata", "revcol_huge_megdata.pth", "224", "-", "-", "no"] in rows
     assert len(rows) == 11 and not any(row[0] == "revcol_xlarge" for row in rows)
     # GFLOPs grow with the square of the image size
-    small = revcol("info", "revcol_small", "--imgsz", "448", cwd=tmp_path)
-    assert small.returncode == 0, small.stderr
-    row = next(line.split() for line in small.stdout.splitlines() if line.startswith("revcol_small"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    assert main(["info", "revcol_small", "--imgsz", "448"]) == 0
+    small = capsys.readouterr().out
+    row = next(line.split() for line in small.splitlines() if line.startswith("revcol_small"))
     assert float(row[5]) == pytest.approx(4 * float(lines["revcol_small"][5]), rel=0.02)
-    assert "revcol_tiny" not in small.stdout
+    assert "revcol_tiny" not in small
 
 
-def test_argument_errors_are_messages_not_tracebacks(tmp_path):
-    bad = revcol("train", "epochz=3", cwd=tmp_path)
-    assert bad.returncode == 2
-    message = re.sub(r"\x1b\[[0-9;]*m", "", bad.stderr)  # some Ultralytics releases colour the bad key
+def test_info_prints_the_layout_the_options_and_the_releases(info_output):
+    tables = [info.configs_table(), info.layout_table(), info.options_table(), info.releases_table()]
+    assert info_output.endswith("\n\n".join(tables) + "\n")  # after the configs table, in this order
+    layout = info.layout_table().splitlines()
+    assert layout[0].split() == ["index", "layer", "output"]
+    assert [line.split()[0] for line in layout[2:]] == [str(layer.index) for layer in yaml_rows.LAYOUT]
+    assert "Index 0         stride 4 (P2)" in info.layout_table()
+    options = info.options_table().splitlines()[2:]
+    assert [line.split()[0] for line in options] == [option.name for option in yaml_rows.OPTIONS]
+    assert "custom revcol rows, required" in next(line for line in options if line.startswith("channels "))
+    needs = {line.split()[0]: line.split()[2] for line in info.releases_table().splitlines()[2:]}
+    assert needs["Depth"] == f"ultralytics>={releases.head_release('Depth')}" == "ultralytics>=8.4.104"
+    assert f"ultralytics{releases.supported_range()} (the supported range)" in info.releases_table()
+
+
+def test_argument_errors_are_messages_not_tracebacks(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("YOLO_OFFLINE", "true")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "epochz=3"]) == 2
+    out, err = capsys.readouterr()
+    message = re.sub(r"\x1b\[[0-9;]*m", "", err)  # some Ultralytics releases colour the bad key
     assert "'epochz' is not a valid YOLO argument" in message and "epochs" in message
-    assert "Traceback" not in bad.stdout + bad.stderr
+    assert "Traceback" not in out + err
 
 
 def test_other_user_errors_are_messages_not_tracebacks(tmp_path, monkeypatch, capsys):
@@ -111,19 +180,20 @@ def test_errors_from_bugs_keep_their_traceback(monkeypatch):
         main(["info"])
 
 
-def test_info_of_a_model_yaml(monkeypatch, caplog):
+def test_info_of_a_model_yaml(monkeypatch, caplog, capsys):
     monkeypatch.setenv("YOLO_OFFLINE", "true")
     with caplog.at_level("INFO", logger="ultralytics"):
         assert main(["info", "rtdetr-revcol-demo.yaml", "--imgsz", "128"]) == 0  # a shipped config, by bare name
     out = caplog.text  # Ultralytics' summary is logged
     assert "rtdetr-revcol-demo summary:" in out and "875,093 parameters" in out and "GFLOPs" in out
+    assert capsys.readouterr().out == info.layout_table() + "\n"  # and the layers its RevCol row expands into
 
 
 def test_info_of_a_classify_yaml_prints_one_summary(tmp_path, capsys):
     from revcol import cli
 
     path = tmp_path / "cls-revcol.yaml"
-    path.write_text(f"nc: 3\nbackbone:\n  - [-1, 1, revcol, [{TINY}]]\nhead:\n  - [-1, 1, Classify, [nc]]\n")
+    path.write_text(f"nc: 3\nbackbone:\n  - {revcol_row(TINY_OPTIONS)}\nhead:\n  - [-1, 1, Classify, [nc]]\n")
     logged = []
     handler = logging.Handler()
     handler.emit = lambda record: logged.append(record.getMessage())
@@ -183,22 +253,22 @@ def test_predict_with_trained_weights(trained):
     no_network(cwd)
 
 
-def test_info_lists_every_shipped_config(capsys):
+def test_info_lists_every_shipped_config(info_output):
     from revcol.ultralytics.yaml_rows import shipped_configs
 
-    assert main(["info"]) == 0
-    out = capsys.readouterr().out
     rows = {
         line.split()[0]: line.split()
-        for line in out.splitlines()
+        for line in info_output.splitlines()
         if line.split()[:1] and line.split()[0].endswith(".yaml")
     }
     assert {"yolo-revcol-sem.yaml", "yolo-revcol-depth.yaml", "yolo-revcol-p2.yaml", "rtdetr-revcol-p2.yaml"} <= set(
         shipped_configs()
     )
     assert sorted(rows) == shipped_configs()
-    assert rows["yolo-revcol-sem.yaml"][1:] == ["SemanticSegment", "11,8", "revcol_tiny"]
-    assert rows["rtdetr-revcol-p2.yaml"][1:] == ["RTDETRDecoder", "21,24,27,30", "revcol_tiny"]
+    assert rows["yolo-revcol-sem.yaml"][1:4] == ["SemanticSegment", "11,8", "revcol_tiny"]
+    assert rows["rtdetr-revcol-p2.yaml"][1:4] == ["RTDETRDecoder", "21,24,27,30", "revcol_tiny"]
+    for name, row in rows.items():  # the description column: the config's own first line
+        assert " ".join(row[4:]) == info.shipped_config(name).description, name
 
 
 BAD_CUSTOM_ROWS = {
@@ -210,13 +280,30 @@ BAD_CUSTOM_ROWS = {
 }
 
 
-@pytest.mark.parametrize(("row", "match"), BAD_CUSTOM_ROWS.values(), ids=list(BAD_CUSTOM_ROWS))
-def test_info_of_a_bad_custom_row_prints_the_config_error(tmp_path, row, match):
+def bad_yaml(tmp_path: Path, row: str) -> Path:
+    """The tiny RT-DETR of the tests with its RevCol row replaced by ``row``."""
     path = tmp_path / "bad.yaml"
     path.write_text(TINY_RTDETR_YAML.replace(TINY_RTDETR_YAML.splitlines()[2].strip("- ").split("  #")[0], row, 1))
     assert row in path.read_text()
-    run = revcol("info", str(path), cwd=tmp_path)
+    return path
+
+
+def assert_one_message(out: str, err: str, match: str) -> None:
+    assert "Traceback" not in out + err
+    first = err.splitlines()[0]
+    assert first.startswith("ConfigError: ") and re.search(match, first), err
+
+
+def test_the_console_script_prints_a_bad_row_as_one_message(tmp_path):
+    """The contract through the installed script: a bad row is one message and exit status 1, not a traceback."""
+    row, match = BAD_CUSTOM_ROWS["three-items"]
+    run = revcol("info", str(bad_yaml(tmp_path, row)), cwd=tmp_path)
     assert run.returncode == 1
-    assert "Traceback" not in run.stdout + run.stderr
-    first = run.stderr.splitlines()[0]
-    assert first.startswith("ConfigError: ") and re.search(match, first), run.stderr
+    assert_one_message(run.stdout, run.stderr, match)
+
+
+@pytest.mark.parametrize(("row", "match"), BAD_CUSTOM_ROWS.values(), ids=list(BAD_CUSTOM_ROWS))
+def test_info_of_a_bad_custom_row_prints_the_config_error(tmp_path, monkeypatch, capsys, row, match):
+    monkeypatch.setenv("YOLO_OFFLINE", "true")
+    assert main(["info", str(bad_yaml(tmp_path, row))]) == 1
+    assert_one_message(*capsys.readouterr(), match)

@@ -34,10 +34,11 @@ EXPECTED_BLOCKS = {
     "layout": {"docs/ultralytics.md"},
     "options": {"docs/ultralytics.md"},
     "releases": {"docs/ultralytics.md"},
-    "config": {"README.md"},
+    "config": {"README.md", "docs/design.md"},
     "requirements": {"README.md"},
     "huge-per-rank": {"docs/scaling.md"},
     "memory": {"README.md", "docs/scaling.md"},
+    "api": {"docs/api.md"},
 }
 
 NAME = re.compile(r"(?<![\w./-])revcol(?:\.[A-Za-z_]\w*)+(?![\w<])")
@@ -83,6 +84,22 @@ def test_the_fact_tables_are_generated_blocks(generate):
         assert where <= found.get(name, set()), name
 
 
+def test_every_public_module_with_public_names_has_its_api_table(generate):
+    """docs/api.md lists each public module's ``__all__``: a module that gains one gains a table there."""
+    package = Path(revcol.__file__).parent
+    public = set()
+    for path in package.rglob("*.py"):
+        parts = path.relative_to(package.parent).with_suffix("").parts
+        parts = parts[:-1] if parts[-1] == "__init__" else parts
+        if not any(part.startswith("_") for part in parts) and re.search(r"^__all__ = ", path.read_text(), re.M):
+            public.add(".".join(parts))
+    page = (ROOT / "docs" / "api.md").read_text()
+    assert public == set(re.findall(r"^<!-- generated: api (\S+) -->$", page, re.M))
+    table = generate.api("revcol.distributed")
+    assert "| `shard(model, *, mesh=None, mixed_precision=False, reshard_after_forward=True)` | Apply FSDP2" in table
+    assert " at 0x" not in generate.api("revcol.weights")  # a default's address is no part of the page
+
+
 def test_the_check_names_a_drifted_page_and_the_generator_repairs_it(generate, tmp_path, monkeypatch, capsys):
     root = _copy_pages(tmp_path)
     readme = root / "README.md"
@@ -126,6 +143,16 @@ def test_the_markdown_tables_are_the_tables_revcol_info_prints():
     md = md_rows(info.weights_table(["revcol_small"], markdown=True, downstream=False))
     assert md == [["revcol_small", "in1k (default)", "revcol_small_1k.pth", "224", "83.5", "1000"]]
     assert "cached" not in info.weights_table(list(VARIANTS), markdown=True)  # nothing of this machine
+
+
+@pytest.mark.parametrize("table", ["configs_table", "layout_table", "options_table", "releases_table"])
+def test_the_tables_of_words_are_the_tables_revcol_info_prints(table):
+    """Tables whose cells hold words: the text table's columns are two or more spaces apart."""
+    make = getattr(info, table)
+    md = [line for line in make(markdown=True).splitlines() if line.startswith("| ")][2:]
+    md_rows = [[cell.strip().replace("`", "") for cell in line.strip("|").split(" | ")] for line in md]
+    text = make().splitlines()[2 : 2 + len(md_rows)]
+    assert md_rows == [[cell.replace("`", "") for cell in re.split(r" {2,}", line)] for line in text]
 
 
 # --------------------------------------------------------------------------- names the pages cite

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from plugin_helpers import SEED_YAML, TINY, rtdetr_dict
-from revcol_helpers import revcol_env
+from helpers.plugin import SEED_YAML, rtdetr_dict
+from helpers.processes import revcol_env
+from helpers.yamls import TINY_OPTIONS
 from ultralytics.nn import tasks
 from ultralytics.nn.modules import Index
 
@@ -25,7 +26,7 @@ def test_shipped_rtdetr_config_is_the_design_doc_reference_verbatim():
     design = (Path(__file__).parents[1] / "docs" / "design.md").read_text()
     section = design.split("## YAML contract", 1)[1].split("\n## ", 1)[0]
     reference = section.split("```yaml\n")[-1].split("```", 1)[0]
-    assert reference.startswith("nc: 80") and "RTDETRDecoder" in reference
+    assert "\nnc: 80" in reference and "RTDETRDecoder" in reference
     assert SEED_YAML.read_text() == reference
 
 
@@ -71,11 +72,15 @@ def test_the_yaml_contract_imports_no_ultralytics():
         ("revcol_small", [{"pretrained": "x.pth", "dropout": 0.1}], r"unknown option\(s\) \['dropout'\]"),
         ("revcol_small", ["x.pth", True], r"takes \[\] or one mapping of options"),
         ("revcol_tiny", [{"drop_path": 1.5}], r"drop_path must be a number in \[0, 1\)"),
-        ("revcol", [{"channels": [8, 16, 24, 32]}], r"needs channels, layers and num_subnet"),
+        ("revcol", [{"channels": TINY_OPTIONS["channels"]}], r"needs channels, layers and num_subnet"),
         ("revcol", [], r"needs channels, layers and num_subnet; missing \['channels', 'layers', 'num_subnet'\]"),
         ("revcol", None, r"missing \['channels', 'layers', 'num_subnet'\]"),
         ("revcol", [{}], r"missing \['channels', 'layers', 'num_subnet'\]"),
-        ("revcol", [{"layers": [1, 1, 1, 1], "num_subnet": 2}], r"missing \['channels'\] \(e\.g\. \[-1, 1, revcol"),
+        (
+            "revcol",
+            [{"layers": TINY_OPTIONS["layers"], "num_subnet": TINY_OPTIONS["num_subnet"]}],
+            r"missing \['channels'\] \(e\.g\. \[-1, 1, revcol",
+        ),
         ("revcol_tiny", [{"pretrained": "does/not/exist.pth"}], r"checkpoint not found"),
         ("revcol_tiny", [{"save_memory": "False"}], r"save_memory must be True or False, got 'False'"),
         ("revcol_tiny", [{"kernel_size": True}], r"kernel_size must be a positive odd int, got True"),
@@ -105,7 +110,7 @@ def test_a_revcol_row_of_other_than_four_items_is_a_config_error(row):
     ],
 )
 def test_head_index_outside_the_backbone_slots_fails_clearly(row, match):
-    d = rtdetr_dict("revcol", TINY)
+    d = rtdetr_dict("revcol", TINY_OPTIONS)
     d["head"][0] = row
     with pytest.raises(ValueError, match=match):
         tasks.RTDETRDetectionModel(d, verbose=False)
@@ -113,7 +118,7 @@ def test_head_index_outside_the_backbone_slots_fails_clearly(row, match):
 
 @pytest.mark.parametrize("where", ["head", "backbone"])
 def test_revcol_row_outside_the_first_backbone_row_names_the_row(where):
-    d = rtdetr_dict("revcol", TINY)
+    d = rtdetr_dict("revcol", TINY_OPTIONS)
     d[where].insert(1, [-1, 1, "revcol_tiny", []])
     match = rf"first backbone row .*found at {where} row 1 \[-1, 1, 'revcol_tiny'"
     with pytest.raises(revcol.ConfigError, match=match):
@@ -121,7 +126,7 @@ def test_revcol_row_outside_the_first_backbone_row_names_the_row(where):
 
 
 def test_revcol_row_in_the_head_of_a_non_revcol_backbone_is_a_config_error():
-    d = rtdetr_dict("revcol", TINY)
+    d = rtdetr_dict("revcol", TINY_OPTIONS)
     d["backbone"] = [[-1, 1, "Conv", [16, 3, 2]]]
     d["head"] = [[-1, 1, "revcol_small", []]]
     with pytest.raises(revcol.ConfigError, match=r"found at head row 0"):
@@ -129,7 +134,7 @@ def test_revcol_row_in_the_head_of_a_non_revcol_backbone_is_a_config_error():
 
 
 def test_model_dict_is_not_modified_by_expansion():
-    d = rtdetr_dict("revcol", TINY)
+    d = rtdetr_dict("revcol", TINY_OPTIONS)
     before = copy.deepcopy(d)
     model = tasks.RTDETRDetectionModel(d, verbose=False)
     assert model.yaml["backbone"] == before["backbone"]

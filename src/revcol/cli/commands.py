@@ -18,11 +18,22 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import string
 import sys
 from collections.abc import Sequence
 
 from revcol._process import process_state_kept
-from revcol.cli.info import _published_of, cache_status, configs_table, variant_table, weights_table
+from revcol.cli.info import (
+    _published_of,
+    cache_status,
+    configs_table,
+    layout_table,
+    options_table,
+    releases_table,
+    shipped_config,
+    variant_table,
+    weights_table,
+)
 from revcol.errors import RevColError
 
 OUR_COMMANDS = ("demo", "info", "download", "help", "version")
@@ -37,15 +48,16 @@ HELP_ALIASES = frozenset({"help", "-h", "--help", "-help", "h"})
 USER_ERRORS = (RevColError, SyntaxError, FileNotFoundError)
 
 
-HELP = """\
+_HELP = string.Template("""\
 revcol: RevCol (Reversible Column Networks) backbones for Ultralytics, from the command line.
 
 Usage:
     revcol MODE key=value ...           Ultralytics' `yolo MODE key=value ...`, with the RevCol backbones registered
     revcol demo [options]               offline demo: synthetic shapes, train RT-DETR-RevCol on the CPU, predict
     revcol info [VARIANT|MODEL.yaml] [--imgsz N]
-                                        RevCol variants: channels, depths, columns, parameters, GFLOPs,
-                                        and the authors' published weights (tag, resolution, top-1, cached)
+                                        RevCol variants (channels, depths, columns, parameters, GFLOPs), the
+                                        authors' published weights, the shipped configs, a RevCol row's layers
+                                        and options, the Ultralytics release each head needs
     revcol download VARIANT [TAG]       fetch published weights into torch's hub cache, print the path
     revcol help | version
 
@@ -53,39 +65,62 @@ Modes (same arguments and outputs as `yolo`, see `yolo help` or https://docs.ult
     train, val, predict, export, track, benchmark; other `yolo` commands (checks, settings, cfg, ...) work too.
 
 Shipped model configs, loadable by bare name:
-    rtdetr-revcol.yaml       RT-DETR with RevCol-S (ImageNet weights: add {pretrained: true} in a copy)
-    rtdetr-revcol-cpu.yaml   RT-DETR with a small custom RevCol: trains on a CPU
-    rtdetr-revcol-demo.yaml  the tiny 3-class model of `revcol demo`
-    rtdetr-revcol-p2.yaml    RT-DETR reading RevCol-T's stride-4 map too (small objects)
-    yolo-revcol.yaml         YOLO detector (C2f neck, Detect head) with RevCol-T
-    yolo-revcol-p2.yaml      YOLO detector with a P2 (stride 4) level, for small objects
-    yolo-revcol-seg.yaml, -pose, -obb, -cls, -sem (semantic), -depth (ultralytics>=8.4.104): the other tasks
-    (`revcol info` lists them all)
+$configs
 
 Examples:
     revcol train model=rtdetr-revcol.yaml data=path/to/data.yaml epochs=72 imgsz=640 batch=16
     revcol val model=runs/detect/train/weights/best.pt data=path/to/data.yaml
     revcol predict model=runs/detect/train/weights/best.pt source=path/to/images
     revcol export model=runs/detect/train/weights/best.pt format=onnx
-    revcol demo --output revcol-demo     (about 2 minutes on one CPU core; `revcol demo --help` for options)
+    revcol demo --output revcol-demo     (`revcol demo --help` for options)
     revcol info revcol_small --imgsz 640
     revcol info rtdetr-revcol.yaml --imgsz 640
     revcol download revcol_small        (then `pretrained: true` in a YAML needs no network)
 
-In a model YAML, a RevCol backbone is one row that expands to layers 0-4
-(0 backbone, 1 stride 4, 2 stride 8, 3 stride 16, 4 stride 32):
+In a model YAML, a RevCol backbone is one row that expands into layers $layers:
     - [-1, 1, revcol_small, [{pretrained: true, save_memory: true, drop_path: 0.2}]]   (or a tag, or a path)
-    - [-1, 1, revcol, [{channels: [16, 32, 64, 128], layers: [1, 1, 1, 1], num_subnet: 2}]]
+    - [-1, 1, $custom_name, [$custom_example]]
+$layout_text
 
 Set REVCOL_TRACEBACK=1 to see full tracebacks of errors.
-"""
+""")
+
+
+def help_text() -> str:
+    """The text of ``revcol help``, written from the data it shows: the shipped configs with their descriptions and
+    the Ultralytics release a head needs above the supported floor, and the layers a RevCol row expands into."""
+    from revcol.ultralytics.releases import head_release, supported_floor
+    from revcol.ultralytics.yaml_rows import CUSTOM_EXAMPLE, CUSTOM_NAME, LAYOUT, LAYOUT_TEXT, shipped_configs
+
+    names = shipped_configs()
+    width = max(map(len, names))
+    lines = []
+    for name in names:
+        config = shipped_config(name)
+        release = head_release(config.head)
+        needs = f" (ultralytics>={release})" if release != supported_floor() else ""
+        lines.append(f"    {name.ljust(width)}  {config.description}{needs}")
+    return _HELP.substitute(
+        configs="\n".join(lines),
+        layers=f"{LAYOUT[0].index}-{LAYOUT[-1].index}",
+        custom_name=CUSTOM_NAME,
+        custom_example=CUSTOM_EXAMPLE,
+        layout_text=LAYOUT_TEXT,
+    )
+
+
+def __getattr__(name: str) -> str:
+    # HELP is built on first use, not at import: it reads the shipped configs, which `revcol train` does not need.
+    if name == "HELP":
+        return help_text()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``revcol`` command with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0].lower() in HELP_ALIASES:
-        print(HELP, end="")
+        print(help_text(), end="")
         return 0
     command = args[0].lower()
     try:
@@ -229,7 +264,9 @@ def _info(argv: list[str]) -> int:
     names = [target] if target else list(VARIANTS)
     statuses = {entry: cache_status(entry) for name in names for entry in _published_of(name)}
     tables = [variant_table(names, options.imgsz), weights_table(names, statuses)]
-    print(*tables, *([] if target else [configs_table()]), sep="\n\n")
+    if not target:
+        tables += [configs_table(), layout_table(), options_table(), releases_table()]
+    print(*tables, sep="\n\n")
     damaged = [(entry, problem) for entry, (state, problem) in statuses.items() if problem]
     for entry, problem in damaged:
         print(f"revcol: {problem}\n  `revcol download {entry.variant} {entry.tag}` fetches it again", file=sys.stderr)
@@ -265,12 +302,14 @@ def _download(argv: list[str]) -> int:
 
 
 def _info_yaml(path: str, imgsz: int) -> int:
-    """Ultralytics' model summary (layers, parameters, GFLOPs at ``imgsz``) of a model YAML."""
+    """Ultralytics' model summary (layers, parameters, GFLOPs at ``imgsz``) of a model YAML; for a RevCol model, the
+    layers its RevCol row expands into too."""
     from ultralytics import YOLO
     from ultralytics.nn.tasks import ClassificationModel, RTDETRDetectionModel, guess_model_task, yaml_model_load
     from ultralytics.utils.torch_utils import model_info
 
     import revcol  # noqa: F401  (registers the backbones)
+    from revcol.ultralytics.yaml_rows import names_revcol_backbone
 
     d = yaml_model_load(path)
     head = (d.get("head") or [[None, None, ""]])[-1]
@@ -283,6 +322,8 @@ def _info_yaml(path: str, imgsz: int) -> int:
     else:
         model = YOLO(path).model
     model_info(model, imgsz=imgsz)
+    if names_revcol_backbone(d):
+        print(layout_table())
     return 0
 
 

@@ -1,13 +1,16 @@
-"""The tables of ``revcol info``: the variants, the authors' published weights and the shipped configs.
+"""The tables of ``revcol info``: the variants, the authors' published weights, the shipped configs, the layers
+and options of a RevCol row, and the Ultralytics releases the heads need.
 
 Each table is printed from the data it shows (``revcol.core.variants``, ``revcol.weights.published``, the
-configs folder); ``markdown=True`` gives the same table as Markdown, which is how ``docs/generate.py`` writes
-the tables of the README and the docs."""
+configs folder, ``revcol.ultralytics.yaml_rows`` and ``.releases``); ``markdown=True`` gives the same table as
+Markdown, which is how ``docs/generate.py`` writes the tables of the README and the docs."""
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from revcol.errors import RevColError
 
@@ -127,20 +130,50 @@ def _downstream_cells(entry, markdown: bool) -> list[str]:
     return [entry.variant, _code(entry.tag, markdown), filename, trained_for, scores, str(entry.kernel_size)]
 
 
-def configs_table(markdown: bool = False) -> str:
-    """A table of the model configs shipped with revcol: their head, the layers it reads, their backbone."""
+class ShippedConfig(NamedTuple):
+    """What ``revcol info`` and ``revcol help`` show of a shipped config."""
+
+    head: str
+    reads: str  # the layers the head reads, comma-separated
+    backbone: str
+    description: str
+
+
+@functools.cache  # the configs ship with the package and do not change while it runs
+def shipped_config(name: str) -> ShippedConfig:
+    """Shipped config ``name``: its head, the layers the head reads, its backbone, and its one-line description.
+
+    The description is the file's first line, a ``# `` comment saying what the model is: the one place it is
+    written. ``rtdetr-revcol.yaml`` has none (docs/design.md shows the file verbatim as the YAML contract's
+    reference), so a config without one is described by its head and backbone.
+    """
     import yaml
 
+    from revcol.ultralytics.yaml_rows import CONFIG_DIR
+
+    text = (CONFIG_DIR / name).read_text()
+    d = yaml.safe_load(text)
+    source, _, head, _ = d["head"][-1]
+    reads = ",".join(map(str, source)) if isinstance(source, list) else str(source)
+    backbone = d["backbone"][0][2]
+    first = text.partition("\n")[0]
+    if not first.startswith("# "):  # a packaging mistake: every shipped config opens with its description
+        raise ValueError(f"shipped config {name} does not start with a '# description' line")
+    return ShippedConfig(head, reads, backbone, first.removeprefix("# ").strip())
+
+
+def configs_table(markdown: bool = False) -> str:
+    """A table of the model configs shipped with revcol: their head, the layers it reads, their backbone, and what
+    each model is."""
     from revcol.ultralytics.releases import HEADS_SINCE, head_release, supported_floor, supported_range
-    from revcol.ultralytics.yaml_rows import CONFIG_DIR, LAYOUT, shipped_configs
+    from revcol.ultralytics.yaml_rows import LAYOUT, shipped_configs
 
     rows = []
     for name in shipped_configs():
-        d = yaml.safe_load((CONFIG_DIR / name).read_text())
-        source, _, head, _ = d["head"][-1]
-        reads = ",".join(map(str, source)) if isinstance(source, list) else str(source)
-        rows.append([_code(name, markdown), _code(head, markdown), reads, _code(d["backbone"][0][2], markdown)])
-    header = ["config", "head", "reads layers", "backbone"]
+        config = shipped_config(name)
+        cells = [_code(name, markdown), _code(config.head, markdown), config.reads, _code(config.backbone, markdown)]
+        rows.append([*cells, config.description])
+    header = ["config", "head", "reads layers", "backbone", "description"]
     levels = LAYOUT[1:]
     strides = ", ".join(layer.output.split(" (")[0].removeprefix("stride ") for layer in levels)
     floor = supported_floor()
@@ -151,7 +184,45 @@ def configs_table(markdown: bool = False) -> str:
         *([", ".join(needs) + "."] if needs else []),
         f"{'Every other' if needs else 'Every'} head: every supported Ultralytics ({supported_range()}).",
     ]
-    return _table(header, rows, notes, markdown)
+    return _table(header, rows, notes, markdown, left=len(header))
+
+
+def layout_table(markdown: bool = False) -> str:
+    """The layers a RevCol row of a model YAML expands into: index, module, output."""
+    from revcol.ultralytics.yaml_rows import LAYOUT
+
+    header = ["index", "layer", "output"]
+    rows = [[str(layer.index), _code(layer.module, markdown), layer.output] for layer in LAYOUT]
+    return _table(header, rows, [], markdown, left=len(header))
+
+
+def options_table(markdown: bool = False) -> str:
+    """The options a RevCol row takes, the rows that take each, and what each means."""
+    from revcol.ultralytics.yaml_rows import CUSTOM_NAME, OPTIONS, Option
+
+    def set_on(option: Option) -> str:
+        if not option.custom:
+            return "every RevCol row"
+        return f"custom {_code(CUSTOM_NAME, markdown)} rows" + (", required" if option.required else "")
+
+    header = ["option", "set on", "meaning"]
+    rows = [[_code(option.name, markdown), set_on(option), option.meaning] for option in OPTIONS]
+    return _table(header, rows, [], markdown, left=len(header))
+
+
+def releases_table(markdown: bool = False) -> str:
+    """The heads that not every supported Ultralytics release has, the release that added each and the release a
+    RevCol model with it needs; then every other head."""
+    from revcol.ultralytics.releases import HEADS_SINCE, head_release, supported_range
+
+    rows = [
+        [_code(head, markdown), since, _code(f"ultralytics>={head_release(head)}", markdown)]
+        for head, since in HEADS_SINCE.items()
+    ]
+    supported = _code(f"ultralytics{supported_range()}", markdown)
+    rows.append(["every other head", NO_VALUE, f"{supported} (the supported range)"])
+    header = ["head", "added in Ultralytics", "a RevCol model needs"]
+    return _table(header, rows, [], markdown, left=len(header))
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -160,10 +231,13 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], notes: Sequence[str], markdown: bool) -> str:
+def _table(
+    header: Sequence[str], rows: Sequence[Sequence[str]], notes: Sequence[str], markdown: bool, left: int = 1
+) -> str:
+    """``left``: how many columns of the text table are left-aligned (words), the others right-aligned (numbers)."""
     if markdown:
-        return "\n\n".join([markdown_table(header, rows), " ".join(notes)])
-    return _text_table(header, rows, "\n".join(notes))
+        return "\n\n".join([markdown_table(header, rows), *([" ".join(notes)] if notes else [])])
+    return "\n".join([_text_table(header, rows, left), *notes])
 
 
 def _code(text: str, markdown: bool) -> str:
@@ -174,20 +248,21 @@ def _dashed(values: Sequence[int]) -> str:
     return "-".join(map(str, values))
 
 
-def _text_table(header: Sequence[str], rows: Sequence[Sequence[str]], note: str) -> str:
-    """Columns padded to their widest cell: the first left-aligned, the others right-aligned."""
+def _text_table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int) -> str:
+    """Columns padded to their widest cell: the first ``left`` left-aligned, the others right-aligned."""
     table = [header, *rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
 
     def line(row: Sequence[str]) -> str:
         cells = zip(row, widths, strict=True)
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(cells))
+        return "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(cells)).rstrip()
 
     lines = [line(row) for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join([*lines, note])
+    return "\n".join(lines)
 
 
+@functools.cache  # a pure function of immutable data (VARIANTS), and ~0.6 s a call: the docs ask for each many times
 def count_variant(name: str, imgsz: int) -> tuple[int, int]:
     """Parameters and FLOPs (2 x multiply-accumulates of convolutions and matmuls) of backbone ``name``.
 
