@@ -5,15 +5,17 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import re
+import shutil
 import subprocess
 import sys
 import warnings
 from pathlib import Path
 
 import torch
-from revcol_helpers import TINY_CHANNELS, make_input, run_grads
+from helpers.models import TINY_CONFIG, make_input
 
 import revcol
+from revcol.diagnostics import gradients
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DIR = Path(revcol.__file__).parent
@@ -26,11 +28,16 @@ CORE_MODULES += [f"checkpoints/{p.name}" for p in sorted(PACKAGE_DIR.glob("check
 
 
 def test_wheel_install_loads_shipped_configs_by_bare_name(tmp_path):
-    wheels, target = tmp_path / "wheels", tmp_path / "site"
+    wheels, target, source = tmp_path / "wheels", tmp_path / "site", tmp_path / "source"
+    # Built from a copy, so the checkout gets no build/ folder, with the installed setuptools (a dev extra), so no
+    # build environment is fetched from the network.
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(ROOT / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run(
-        [*pip, "wheel", str(ROOT), "--no-deps", "-w", str(wheels)], check=True, capture_output=True, timeout=300
-    )
+    build = [*pip, "wheel", str(source), "--no-deps", "--no-build-isolation", "-w", str(wheels)]
+    subprocess.run(build, check=True, capture_output=True, timeout=300)
     (wheel,) = wheels.glob("revcol-*.whl")
     install = [*pip, "install", "--no-deps", "--target", str(target), str(wheel)]
     subprocess.run(install, check=True, capture_output=True, timeout=300)
@@ -169,11 +176,11 @@ def test_core_source_uses_no_deprecated_api():
 def test_core_path_emits_no_deprecation_warning(tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = revcol.FullNet(TINY_CHANNELS, (1, 1, 1, 1), 2, drop_path=0.1)
+        model = revcol.FullNet(**TINY_CONFIG, drop_path=0.1)
         x = make_input(dtype=torch.float32)
         for autocast in (None, torch.bfloat16):
             for save_memory in (True, False):
-                run_grads(model, x, save_memory=save_memory, autocast_dtype=autocast)
+                gradients(model, x, save_memory=save_memory, autocast_dtype=autocast)
         with torch.no_grad():
             model.eval()(x)
         torch.save(model.state_dict(), tmp_path / "w.pth")
