@@ -4,13 +4,15 @@ column's inputs, the plain path of inference, memory layouts and empty batches."
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
+import torch.nn.functional as F
 from helpers.design_reference import reference_forward
 from helpers.models import STRIDES, TINY_CHANNELS, assert_close_per_tensor, make_input, make_net, set_alphas
 
-from revcol import ReverseFunction, SubNet
+from revcol import FullNet, ReverseFunction, SubNet, UpSample
 from revcol.core.network import bounded_alpha
-from revcol.diagnostics import gradients
+from revcol.diagnostics import gradients, randomize_
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -29,6 +31,70 @@ def test_forward_matches_design_equations(layers, num_subnet, kernel_size):
     for a, e in zip(actual, expected, strict=True):
         assert a.shape == e.shape
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+
+
+# --------------------------------------------------------------------------- any input size
+
+ODD_SIZES = [(33, 47), (75, 101), (97, 131), (100, 37)]
+
+
+def _huge_wiring(dtype: torch.dtype = torch.float64, drop_path: float = 0.0) -> FullNet:
+    """Three columns with RevCol-H's level-3 -> level-0 branch (x8), randomized: every up path is exercised."""
+    torch.manual_seed(0)
+    model = FullNet(TINY_CHANNELS, (1, 2, 1, 1), 3, drop_path=drop_path, level0_from_coarsest=True).to(dtype)
+    return randomize_(model).train()
+
+
+@pytest.mark.parametrize(("h", "w"), [(32, 32), (32, 33), *ODD_SIZES, (223, 229)])
+def test_any_size_gives_the_floor_sizes_of_timm_convnext(h, w):
+    model = _huge_wiring(torch.float32).eval()
+    x = torch.rand(1, 3, h, w)
+    with torch.no_grad():
+        shapes = [tuple(c.shape[-2:]) for c in model(x)]
+    assert shapes == [(h // s, w // s) for s in STRIDES]
+    if (h, w) == (223, 229):  # the sizes the issue quotes, and timm's own ConvNeXt on the same input
+        assert shapes == [(55, 57), (27, 28), (13, 14), (6, 7)]
+        convnext = timm.create_model("convnext_atto", features_only=True).eval()
+        with torch.no_grad():
+            assert shapes == [tuple(c.shape[-2:]) for c in convnext(x)]
+
+
+@pytest.mark.parametrize(("h", "w"), ODD_SIZES[:2])
+def test_odd_sizes_follow_the_design_equations(h, w):
+    """Each up path hands fine pixel i the coarse pixel it was strided from, and the last one to pixels past it."""
+    model = _huge_wiring().eval()
+    x = make_input(2, h, w)
+    with torch.no_grad():
+        expected = reference_forward(dict(model.named_parameters()), x, (1, 2, 1, 1), 3, 3, level0_from_coarsest=True)
+        actual = model(x)
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("h", "w"), ODD_SIZES)
+def test_reversible_backward_is_exact_at_odd_sizes(h, w):
+    model = _huge_wiring(drop_path=0.3)
+    x = make_input(2, h, w)
+    _, plain = gradients(model, x, save_memory=False, seed=3)
+    _, rev = gradients(model, x, save_memory=True, seed=3)
+    assert_close_per_tensor(rev, plain, tol=1e-9)
+
+
+def test_multiples_of_32_give_the_outputs_of_the_plain_factor_upsampling(monkeypatch):
+    """Bit for bit what the network gave before it took odd sizes: nearest x factor, nothing else."""
+    model = _huge_wiring(torch.float32).eval()
+    x = torch.rand(2, 3, 64, 96)
+    with torch.no_grad():
+        now = model(x)
+
+        def factor_only(self, c, size):
+            c = self.channel_reschedule(c.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            return F.interpolate(c, scale_factor=float(self.factor), mode="nearest")
+
+        monkeypatch.setattr(UpSample, "forward", factor_only)
+        before = model(x)
+    for a, b in zip(now, before, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_train_mode_without_drop_path_equals_eval_for_both_paths():

@@ -50,14 +50,19 @@ def _ln_channels_first(x, weight, bias):
     return F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), weight, bias, 1e-6).permute(0, 3, 1, 2)
 
 
-def _upsample_reference(p: dict[str, torch.Tensor], name: str, c: torch.Tensor, factor: int) -> torch.Tensor:
-    """``name`` (an up path): channels-last Linear + LayerNorm, then every pixel repeated ``factor`` x ``factor``."""
+def _upsample_reference(
+    p: dict[str, torch.Tensor], name: str, c: torch.Tensor, factor: int, size: tuple[int, int]
+) -> torch.Tensor:
+    """``name`` (an up path): channels-last Linear + LayerNorm, then fine pixel ``(i, j)`` reads coarse pixel
+    ``(min(i // factor, h - 1), min(j // factor, w - 1))``: the one it was strided from, or the last one past it."""
     u = F.linear(
         c.permute(0, 2, 3, 1), p[f"{name}.channel_reschedule.0.weight"], p[f"{name}.channel_reschedule.0.bias"]
     )
     w, b = p[f"{name}.channel_reschedule.1.weight"], p[f"{name}.channel_reschedule.1.bias"]
     u = F.layer_norm(u, (u.shape[-1],), w, b, 1e-6).permute(0, 3, 1, 2)
-    return u.repeat_interleave(factor, dim=2).repeat_interleave(factor, dim=3)
+    rows = (torch.arange(size[0]) // factor).clamp(max=u.shape[-2] - 1)
+    cols = (torch.arange(size[1]) // factor).clamp(max=u.shape[-1] - 1)
+    return u[:, :, rows][:, :, :, cols]
 
 
 def reference_forward(
@@ -86,10 +91,11 @@ def reference_forward(
         else:
             out = F.conv2d(c_down, p[f"{prefix}.down.0.weight"], p[f"{prefix}.down.0.bias"], stride=2)
             out = _ln_channels_first(out, p[f"{prefix}.down.1.weight"], p[f"{prefix}.down.1.bias"])
+        size = tuple(out.shape[-2:])
         if i > 0 and level < 3:
-            out = out + _upsample_reference(p, f"{prefix}.up", c_up, 2)
+            out = out + _upsample_reference(p, f"{prefix}.up", c_up, 2, size)
         if i > 0 and level == 0 and level0_from_coarsest:
-            out = out + _upsample_reference(p, f"{prefix}.up2", c_coarsest, 8)
+            out = out + _upsample_reference(p, f"{prefix}.up2", c_coarsest, 8, size)
         for j in range(layers[level]):
             out = block(out, f"subnet{i}.level{level}.blocks.{j}")
         return out

@@ -72,7 +72,13 @@ class ConvNextBlock(nn.Module):
 
 
 class UpSample(nn.Module):
-    """Channel projection of a coarser level (channels-last Linear + LayerNorm), then nearest x``factor``."""
+    """Channel projection of a coarser level (channels-last Linear + LayerNorm), then each pixel repeated
+    ``factor`` x ``factor`` (nearest), and the last row and column repeated up to the finer map's ``size``.
+
+    At sizes that are multiples of 32 the repeat alone gives ``size``. Where a stride floored an odd size, the
+    finer map has up to ``factor - 1`` more rows than the repeat; they lie past the coarser map's last pixel,
+    which is what they read, so every other pixel keeps the coarser pixel the strided convolutions made it from.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, factor: int = 2) -> None:
         super().__init__()
@@ -81,9 +87,15 @@ class UpSample(nn.Module):
             nn.Linear(in_channels, out_channels), LayerNorm(out_channels, eps=NORM_EPS)
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         x = self.channel_reschedule(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        return F.interpolate(x, scale_factor=float(self.factor), mode="nearest")
+        x = F.interpolate(x, scale_factor=float(self.factor), mode="nearest")
+        extra_h, extra_w = size[0] - x.shape[-2], size[1] - x.shape[-1]
+        # A trace (ONNX, TorchScript) records the pad whatever the sizes, so the graph also takes odd sizes; eager
+        # code skips it where there is nothing to pad (every multiple of 32), and stays the op it always was.
+        if extra_h or extra_w or torch.jit.is_tracing():
+            x = F.pad(x, (0, extra_w, 0, extra_h), mode="replicate")
+        return x
 
 
 class Fusion(nn.Module):
@@ -114,10 +126,11 @@ class Fusion(nn.Module):
         self, c_down: torch.Tensor, c_up: torch.Tensor | None = None, c_coarsest: torch.Tensor | None = None
     ) -> torch.Tensor:
         out = self.down(c_down)
+        size = out.shape[-2:]
         if self.up is not None:
-            out = out + self.up(c_up)
+            out = out + self.up(c_up, size)
         if self.up2 is not None:
-            out = out + self.up2(c_coarsest)
+            out = out + self.up2(c_coarsest, size)
         return out
 
 

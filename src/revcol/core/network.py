@@ -50,6 +50,11 @@ MAX_PARAMETERS = 20_000_000_000  # the whole backbone: each dimension may be wit
 Features = list[torch.Tensor]
 
 
+# The coarsest level's stride: a smaller input leaves it no pixel. Any larger size works: each level's map has the
+# floored size (H // 4, then halved and floored per level), as in timm's ConvNeXt.
+MIN_SIZE = 32
+
+
 class Level(nn.Module):
     """One resolution of a column: a ``Fusion`` followed by ConvNeXt blocks."""
 
@@ -285,10 +290,14 @@ class FullNet(nn.Module):
                 for alpha in module.alphas:
                     alpha.fill_(0.5)
 
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise ``InputError`` for an input this model cannot take (``check_input``; a subclass may ask more)."""
+        check_input(x)
+
     def forward_features(self, x: torch.Tensor) -> Features:
         """Feature maps ``[c0, c1, c2, c3]`` of the last column."""
         if not torch.jit.is_tracing():
-            check_input(x)
+            self.check_input(x)
         reversible = self.save_memory and self.training and torch.is_grad_enabled()
         x = self.stem(x)
         features = None
@@ -324,7 +333,7 @@ def find_backbone(module: nn.Module, needed_by: str, error: type[RevColError] = 
 
 
 def check_input(x: torch.Tensor) -> None:
-    """Raise ``InputError`` (a ``ValueError``) unless ``x`` is (N, 3, H, W) with H, W positive multiples of 32."""
+    """Raise ``InputError`` (a ``ValueError``) unless ``x`` is (N, 3, H, W) with H, W at least ``MIN_SIZE``."""
     if not isinstance(x, torch.Tensor):
         raise InputError(f"RevCol expects a torch.Tensor of shape (N, 3, H, W), got {type(x).__name__}")
     if x.dim() != 4:
@@ -332,8 +341,8 @@ def check_input(x: torch.Tensor) -> None:
     if x.shape[1] != 3:
         raise InputError(f"RevCol expects 3 input channels, got {x.shape[1]} (shape {tuple(x.shape)})")
     height, width = x.shape[-2:]
-    if height % 32 or width % 32 or not height or not width:
+    if height < MIN_SIZE or width < MIN_SIZE:
         raise InputError(
-            "RevCol needs H and W to be positive multiples of 32 (its coarsest level has stride 32), "
+            f"RevCol needs H and W of at least {MIN_SIZE} (its coarsest level has stride {MIN_SIZE}), "
             f"got {height}x{width}"
         )

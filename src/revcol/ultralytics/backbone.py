@@ -6,13 +6,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from revcol.core.network import FullNet
+import torch
+
+from revcol.core.network import FullNet, check_input
 from revcol.core.param_groups import check_lr_decay
 from revcol.core.variants import VARIANTS, get_variant
-from revcol.errors import ConfigError
+from revcol.errors import ConfigError, InputError
 from revcol.ultralytics.yaml_rows import (
     CUSTOM_NAME,
     CUSTOM_OPTIONS,
+    LEVEL_STRIDES,
     VARIANT_OPTIONS,
     custom_options_error,
     missing_custom_options,
@@ -55,3 +58,16 @@ class RevColBackbone(FullNet):
         self.variant = name
         self.lr_decay = lr_decay
         load_chosen(self, choice)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """``FullNet``'s checks, and H, W positive multiples of the coarsest stride: Ultralytics' heads concatenate
+        up-sampled maps, which only line up at such sizes (its ``predict`` and ``val`` letterbox to them)."""
+        stride = LEVEL_STRIDES[-1]
+        if isinstance(x, torch.Tensor) and x.dim() == 4:  # anything else gets FullNet's message
+            height, width = x.shape[-2:]
+            if height % stride or width % stride or not height or not width:
+                raise InputError(
+                    f"RevCol in an Ultralytics model needs H and W to be positive multiples of {stride} (its head "
+                    f"joins up-sampled maps of strides up to {stride}), got {height}x{width}"
+                )
+        check_input(x)
