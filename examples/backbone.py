@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", default="revcol_small", choices=sorted(revcol.VARIANTS))
     parser.add_argument("--weights", type=Path, help="an authors' ImageNet checkpoint for --variant")
-    parser.add_argument("--imgsz", type=int, help="input side, a multiple of 32 (default 224, 64 with --quick)")
+    parser.add_argument("--imgsz", type=int, help="input side, at least 32 (default 224, 64 with --quick)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny custom model, 64x64, save/load round trip")

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variant", help="a paper variant, e.g. revcol_tiny (default: a small custom config)")
     parser.add_argument("--dtype", choices=sorted(TOLERANCE), default="float64")
     parser.add_argument("--tol", type=float, help="largest accepted relative error (default 1e-9 / 1e-5 by dtype)")
-    parser.add_argument("--imgsz", type=int, help="input side, a multiple of 32 (default 64, 32 with --quick)")
+    parser.add_argument("--imgsz", type=int, help="input side, at least 32 (default 64, 32 with --quick)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--drop-path", type=float, default=0.2, help="nonzero, so drop-path masks are checked too")
     parser.add_argument("--seed", type=int, default=0)

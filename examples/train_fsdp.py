@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--layer-decay", type=float, default=0.9, help="the authors' layer-wise lr decay (1: none)")
     parser.add_argument("--warmup-epochs", type=int, default=20)
     parser.add_argument("--drop-path", type=float, default=None, help="default: the variant's")
-    parser.add_argument("--imgsz", type=int, default=224, help="training crop, a multiple of 32")
+    parser.add_argument("--imgsz", type=int, default=224, help="training crop, at least 32")
     parser.add_argument("--workers", type=int, default=8, help="data loader processes per rank")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 compute, float32 gradient reduction")
     parser.add_argument(
