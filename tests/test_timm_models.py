@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from helpers.models import seeded_images, tiny_timm_model
+from helpers.models import TINY_CONFIG, seeded_images, tiny_timm_model
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import FeatureInfo, get_pretrained_cfg
+from timm.models import FeatureDictNet, FeatureInfo, FeatureListNet, get_pretrained_cfg
 from timm.optim import create_optimizer_v2
 
 import revcol
@@ -56,8 +56,18 @@ def test_create_model_takes_the_issue_call_and_the_backbone_options():
     model = timm.create_model("revcol_tiny", drop_path_rate=0.2, save_memory=False, kernel_size=5)
     assert (model.drop_path, model.save_memory, model.kernel_size) == (0.2, False, 5)
     assert timm.create_model("revcol_tiny").drop_path == revcol.VARIANTS["revcol_tiny"].drop_path
-    with pytest.raises(ConfigError, match="feature_cls 'getter' \\(default\\) or 'hook', got 'list'"):
-        timm.create_model("revcol_tiny", features_only=True, feature_cls="list")
+    with pytest.raises(ConfigError, match=r"feature_cls 'getter' \(default\), 'hook', 'list' or 'dict' .* got 'fx'"):
+        timm.create_model("revcol_tiny", features_only=True, feature_cls="fx")
+    with pytest.raises(ConfigError, match=r"out_map names the keys of feature_cls='dict' outputs, got .*'list'"):
+        timm.create_model("revcol_tiny", features_only=True, feature_cls="list", out_map=("a", "b", "c", "d"))
+    with pytest.raises(ConfigError, match="out_map needs one distinct key per level of out_indices \\[1, 3\\]"):
+        timm.create_model("revcol_tiny", features_only=True, feature_cls="dict", out_indices=(1, 3), out_map=("a",))
+    with pytest.raises(ConfigError, match="out_indices must name distinct levels, got \\[3, 3\\]"):
+        timm.create_model("revcol_tiny", features_only=True, feature_cls="dict", out_indices=(3, -1), out_map="ab")
+    with pytest.raises(ConfigError, match="'hook' returns the NCHW maps its hooks see"):
+        timm.create_model("revcol_tiny", features_only=True, feature_cls="hook", output_fmt="NHWC")
+    with pytest.raises(ConfigError, match="'NCHW' or 'NHWC', got output_fmt='NLC'"):
+        timm.create_model("revcol_tiny", features_only=True, feature_cls="list", output_fmt="NLC")
     with pytest.raises(ConfigError, match="in_chans must be 3"):
         timm.create_model("revcol_tiny", in_chans=1)
     # timm's pretrained= is a flag: a tag or a path there used to load the default file without a word
@@ -152,9 +162,9 @@ def _check_maps(outputs, channels, reductions, size: int = 64) -> None:
         assert out.shape == (1, c, size // r, size // r) and not out.isnan().any()
 
 
-@pytest.mark.parametrize("feature_cls", [None, "getter", "hook"])
+@pytest.mark.parametrize("feature_cls", [None, "getter", "hook", "list", "dict"])
 def test_features_only(feature_cls):
-    """timm ``test_model_forward_features`` (default and hook) and ``test_model_forward_intermediates_features``.
+    """timm ``test_model_forward_features`` (every extractor) and ``test_model_forward_intermediates_features``.
 
     And the maps are the model's own: equal to its ``forward_intermediates``. For the hook class that means
     a forward hook on each module ``feature_info`` names sees exactly the returned map (issue item 4).
@@ -168,10 +178,91 @@ def test_features_only(feature_cls):
     x = seeded_images()
     with torch.no_grad():
         outs = model(x)
+        if feature_cls == "dict":
+            assert list(outs) == ["0", "1", "2", "3"]  # timm's default keys: str(index)
+            outs = list(outs.values())
         _check_maps(outs, info.channels(), info.reduction())
         inner = model.body if feature_cls == "hook" else model.model
         for out, ref in zip(outs, inner.forward_intermediates(x, intermediates_only=True), strict=True):
             torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+LIST_AND_DICT = ["list", "dict", FeatureListNet, FeatureDictNet]  # timm's classes too: ours stand in for them
+
+
+@pytest.mark.parametrize("feature_cls", LIST_AND_DICT, ids=lambda c: c if isinstance(c, str) else c.__name__)
+def test_list_and_dict_features_are_the_getters_maps(feature_cls):
+    """feature_cls list and dict: instances of timm's classes, with the getter's state dict keys and, at an odd size
+    (97x131: each level floors, as timm's ConvNeXt), its maps bit for bit; out_indices, out_map, NHWC. On the tiny
+    config (timm passes backbone keywords through)."""
+    as_dict = feature_cls in ("dict", FeatureDictNet)
+    options = {"features_only": True, "out_indices": (1, 3), **TINY_CONFIG}
+    getter = tiny_timm_model(**options).eval()
+    net = timm.create_model("revcol_tiny", feature_cls=feature_cls, **options).eval()
+    assert isinstance(net, FeatureDictNet) and isinstance(net, FeatureListNet) is not as_dict
+    assert list(net.state_dict()) == list(getter.state_dict())  # model.stem..., model.subnet..., the head's norm
+    assert not any(k.startswith("model.cls.classifier.1") for k in net.state_dict())  # the Linear is pruned
+    net.load_state_dict(getter.state_dict())
+    assert net.feature_info.channels() == [16, 32] and net.feature_info.reduction() == [8, 32]
+    assert list(net.feature_info.out_indices) == [1, 3]
+    x = torch.randn(1, 3, 97, 131, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = getter(x)
+        outs = net(x)
+        if as_dict:
+            assert list(outs) == ["1", "3"]
+            outs = list(outs.values())
+        assert [tuple(o.shape) for o in outs] == [(1, 16, 12, 16), (1, 32, 3, 4)]  # 97 // 8, 131 // 8, ...
+        for got, want in zip(outs, expected, strict=True):
+            assert torch.equal(got, want)
+        # timm's return_layers picks the levels: transformers' TimmBackbone swaps in all of them for hidden states
+        net.return_layers = {info["module"]: str(i) for i, info in enumerate(net.feature_info.info)}
+        every = net(x)
+        every = list(every.values()) if as_dict else every
+        assert [o.shape[1] for o in every] == list(TINY_CONFIG["channels"])
+        assert torch.equal(every[1], expected[0]) and torch.equal(every[3], expected[1])
+
+        extra = {"out_map": ("p3", "p5")} if as_dict else {}
+        nhwc = timm.create_model("revcol_tiny", feature_cls=feature_cls, output_fmt="NHWC", **options, **extra).eval()
+        nhwc.load_state_dict(getter.state_dict())
+        assert nhwc.output_fmt == "NHWC"
+        outs = nhwc(x)
+        if as_dict:
+            assert list(outs) == ["p3", "p5"]
+            outs = list(outs.values())
+        for got, want in zip(outs, expected, strict=True):
+            assert torch.equal(got, want.permute(0, 2, 3, 1))
+
+
+@pytest.mark.parametrize("feature_cls", ["list", "dict"])
+def test_list_and_dict_grad_checkpointing_is_the_reversible_backward(feature_cls, monkeypatch):
+    """timm ``test_features_only_grad_checkpointing_backward`` for list and dict: ``set_grad_checkpointing`` switches
+    the model's reversible backward (counted), and the features and every gradient agree (float64, as above)."""
+    net = tiny_timm_model(features_only=True, feature_cls=feature_cls, drop_path_rate=0.0, **TINY_CONFIG)
+    net = net.train().double()
+    reversible_columns = []
+    apply_column = revcol.ReverseFunction.apply_column
+    monkeypatch.setattr(
+        revcol.ReverseFunction, "apply_column", lambda *a: reversible_columns.append(1) or apply_column(*a)
+    )
+    x = seeded_images(n=2).double()
+    runs = []
+    for enable in (True, False):
+        net.set_grad_checkpointing(enable)
+        assert net.grad_checkpointing is enable and net.model.save_memory is enable
+        reversible_columns.clear()
+        net.zero_grad()
+        outs = net(x)
+        outs = list(outs.values()) if feature_cls == "dict" else outs
+        sum(o.square().mean() for o in outs).backward()
+        assert len(reversible_columns) == (net.model.num_subnet if enable else 0)
+        runs.append(([o.detach() for o in outs], {n: p.grad for n, p in net.named_parameters() if p.grad is not None}))
+    for with_rev, plain in zip(runs[0][0], runs[1][0], strict=True):
+        torch.testing.assert_close(with_rev, plain, rtol=1e-12, atol=1e-12)
+    # every backbone parameter, none of the head's norm (pruned head: unused)
+    assert set(runs[0][1]) == set(runs[1][1]) == {n for n in net.state_dict() if not n.startswith("model.cls.")}
+    for name, grad in runs[0][1].items():
+        torch.testing.assert_close(grad, runs[1][1][name], rtol=1e-9, atol=1e-12, msg=name)
 
 
 def test_forward_intermediates_and_pruning():
@@ -195,8 +286,11 @@ def test_forward_intermediates_and_pruning():
         picked = model.forward_intermediates(x, indices=[0, 3], norm=True, stop_early=True, intermediates_only=True)
         torch.testing.assert_close(picked[0], maps[0])
         torch.testing.assert_close(picked[1], maps[3])
-    with pytest.raises(ConfigError, match="NCHW only"):
-        model.forward_intermediates(x, output_fmt="NHWC")
+        nhwc = model.forward_intermediates(x, indices=[1, 3], output_fmt="NHWC", intermediates_only=True)
+        assert [tuple(m.shape) for m in nhwc] == [(1, 8, 8, 128), (1, 2, 2, 512)]
+        torch.testing.assert_close(nhwc[1], maps[3].permute(0, 2, 3, 1), rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="'NCHW' or 'NHWC', got output_fmt='NLC'"):
+        model.forward_intermediates(x, output_fmt="NLC")
     with pytest.raises((ValueError, AssertionError, IndexError)):
         model.forward_intermediates(x, indices=[4])
 

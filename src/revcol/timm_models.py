@@ -4,6 +4,8 @@
 pretrained config per published file of ``revcol.weights.WEIGHTS``. ``timm.create_model("revcol_small",
 pretrained=True)`` loads through ``revcol.weights`` (torch's hub cache, ``REVCOL_WEIGHTS_URL``) and
 ``load_classifier_weights`` (weights-only reading, strict on the backbone), never through timm's downloader.
+``features_only`` wraps the classifier in timm's ``FeatureGetterNet`` (default) or ``FeatureHookNet``, or in
+``RevColFeatureListNet`` / ``RevColFeatureDictNet``, timm's list and dict extractors fitted to a column network.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ from typing import Any
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import LayerNorm2d, SelectAdaptivePool2d, trunc_normal_
+from timm.layers import LayerNorm2d, SelectAdaptivePool2d, nchw_to, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 from torch import nn
 
 from revcol import weights
+from revcol._timm_features import RevColFeatureDictNet, RevColFeatureListNet, feature_cfg, output_format
 from revcol.checkpoints.backbone import HeadRule, LoadResult, load_pretrained
 from revcol.core import param_groups
 from revcol.core.blocks import NORM_EPS
@@ -32,13 +35,21 @@ from revcol.errors import CheckpointError, ConfigError
 from revcol.weights.pretrained import PretrainedChoice, choose_pretrained, load_chosen
 
 POOL_TYPES = ("avg", "max", "avgmax", "")  # pooled width must stay C3: the norm's shape is fixed by the checkpoints
-FEATURE_CLASSES = ("getter", "hook")
 HEAD_PREFIX = "cls."
 # The 1k files trained with intermediate supervision have four heads, one per quarter of the columns; the last
 # one reads the last column, so it is the classifier of the finished network.
 LAST_SUPERVISION_HEAD = "cls_blocks.3."
 
-__all__ = ["ClassifierHead", "RevColClassifier", "create", "default_cfgs_of", "load_classifier_weights", "register"]
+__all__ = [
+    "ClassifierHead",
+    "RevColClassifier",
+    "RevColFeatureDictNet",
+    "RevColFeatureListNet",
+    "create",
+    "default_cfgs_of",
+    "load_classifier_weights",
+    "register",
+]
 
 
 class ClassifierHead(nn.Module):
@@ -150,14 +161,14 @@ class RevColClassifier(FullNet):
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """The last column's maps chosen by ``indices`` (timm's rules: an int takes the last n), and the final map.
 
-        ``norm`` changes nothing: the only final norm sits in the head, after pooling, as in timm's ConvNeXt.
+        The maps are ``output_fmt`` ("NCHW" or "NHWC", a permuted view); the final map is ``forward_features``'
+        (NCHW). ``norm`` changes nothing: the only final norm sits in the head, after pooling, as in timm's ConvNeXt.
         ``stop_early`` saves nothing: every level of every column but the last feeds the last column's maps.
         """
-        if output_fmt != "NCHW":
-            raise ConfigError(f"RevCol intermediates are NCHW only, got output_fmt={output_fmt!r}")
+        fmt = output_format(output_fmt)
         take_indices, _ = feature_take_indices(len(self.feature_info), indices)
         features = super().forward_features(x)
-        intermediates = [features[index] for index in take_indices]
+        intermediates = [nchw_to(features[index], fmt) for index in take_indices]
         if intermediates_only:
             return intermediates
         return features[-1], intermediates
@@ -275,6 +286,8 @@ def create(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
 
     What that names is decided by ``revcol.weights.pretrained.choose_pretrained`` before building (a published file
     fixes the kernel size: RevCol-H's k7 files) and loaded by ``load_chosen`` with ``load_classifier_weights``.
+    With ``features_only``, ``feature_cls`` ("getter", "hook", "list", "dict"), ``out_indices``, ``out_map`` and
+    ``output_fmt`` choose the extractor (``revcol._timm_features.feature_cfg``).
     """
     if not isinstance(pretrained, bool):
         # timm's contract is a flag: a tag or a path here would otherwise load the default file without a word.
@@ -283,13 +296,7 @@ def create(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
             f"timm's pretrained= is True or False, got {pretrained!r}: name a tag in the model name ({tags}) or a "
             "file with pretrained_cfg_overlay=dict(file=PATH)"
         )
-    feature_cls = kwargs.get("feature_cls", "getter")
-    if kwargs.get("features_only") and not (isinstance(feature_cls, str) and feature_cls.lower() in FEATURE_CLASSES):
-        # timm's list/dict/fx extractors re-run the children one after another or trace them: a column takes
-        # the previous column's four maps, so neither fits.
-        raise ConfigError(
-            f"RevCol features_only supports feature_cls 'getter' (default) or 'hook', got {feature_cls!r}"
-        )
+    features = feature_cfg(kwargs) if kwargs.get("features_only") else None
     cfg = resolve_pretrained_cfg(
         variant,
         pretrained_cfg=kwargs.pop("pretrained_cfg", None),
@@ -306,7 +313,7 @@ def create(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
         variant,
         pretrained=False,
         pretrained_cfg=cfg,
-        feature_cfg={"feature_cls": "getter", "out_indices": (0, 1, 2, 3)},
+        feature_cfg=features,
         **kwargs,
     )
 
