@@ -23,7 +23,7 @@ from revcol import diagnostics
 from revcol.distributed.fsdp import cpu_fsdp_supported
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-SCRIPTS = ("train_rtdetr", "backbone", "check_gradients", "train_fsdp")
+SCRIPTS = ("train_rtdetr", "backbone", "check_gradients", "train_fsdp", "train_mask_rcnn")
 
 
 def load_example(name: str) -> ModuleType:
@@ -63,6 +63,7 @@ QUICK_RUNS = {
     "check_gradients-float32": ("check_gradients", ["--quick", "--dtype", "float32"]),
     "train_rtdetr": ("train_rtdetr", ["--quick", "--project", "{folder}/runs"]),
     "train_rtdetr-default-project": ("train_rtdetr", ["--quick"]),
+    "train_mask_rcnn": ("train_mask_rcnn", ["--quick"]),
 }
 # Where a run without --project writes: Ultralytics' runs_dir setting, by default the git root of the Ultralytics
 # installation (this checkout, for its .venv). Set before the driver starts: older releases read it at import.
@@ -182,6 +183,18 @@ def test_train_rtdetr_quick_default_project(quick_runs):
     assert best.is_file() and best.is_relative_to(runs_dir / "detect"), out
     dataset = Path(re.search(r"synthetic dataset: (.+)", out)[1])
     assert not dataset.exists(), out  # the temporary dataset is removed at the end
+
+
+def test_train_mask_rcnn_quick_losses_fall(quick_runs):
+    out = quick_runs["train_mask_rcnn"].stdout
+    steps = re.findall(r"step +(\d+)/20  loss ([\d.]+)  \(classifier [\d.]+, box_reg [\d.]+, mask [\d.]+, ", out)
+    assert [int(step) for step, _ in steps] == list(range(1, 21)), out
+    first, last = (float(x) for x in re.search(r"first 4 steps ([\d.]+), of the last 4 steps ([\d.]+)", out).groups())
+    losses = [float(loss) for _, loss in steps]
+    assert math.isclose(first, sum(losses[:4]) / 4, abs_tol=1e-3), out  # the means of the losses printed
+    assert math.isclose(last, sum(losses[-4:]) / 4, abs_tol=1e-3), out
+    assert last < 0.7 * first, out
+    assert len(re.findall(r"held-out image \d: drawn \[.+\], predicted \[.*\] \(\d+ mask pixels\)", out)) == 4, out
 
 
 def _torchrun_example(name: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:

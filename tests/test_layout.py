@@ -29,9 +29,18 @@ ALLOWED: dict[str, set[str]] = {
     "revcol.checkpoints": {"base", "revcol.core"},
     "revcol.weights": {"base", "revcol.core", "revcol.checkpoints"},
     "revcol.factory": {"base", "revcol.core", "revcol.checkpoints", "revcol.weights"},
-    "revcol.timm_models": {"base", "revcol.core", "revcol.checkpoints", "revcol.weights", "revcol.factory"},
+    "revcol._timm_features": {"base"},
+    "revcol.timm_models": {
+        "base",
+        "revcol.core",
+        "revcol.checkpoints",
+        "revcol.weights",
+        "revcol.factory",
+        "revcol._timm_features",
+    },
     "revcol.distributed": {"base", "revcol.core", "revcol.checkpoints"},
     "revcol.ultralytics": {"base", "revcol.core", "revcol.checkpoints", "revcol.weights", "revcol.factory"},
+    "revcol.torchvision": {"base", "revcol.core", "revcol.checkpoints", "revcol.weights", "revcol.factory"},
 }
 APPLICATIONS = {"revcol.cli", "revcol.demo"}  # the command line and the demo may use every part
 
