@@ -172,6 +172,10 @@ def test_pretrained_file_overlay_and_errors(fake_variant, tmp_path):
     torch.save(_fake_model(seed=11).state_dict(), path)
     model = timm.create_model(FAKE, pretrained=True, pretrained_cfg_overlay={"file": str(path)}).eval()
     torch.testing.assert_close(model.state_dict(), _fake_model(seed=11).state_dict())
+    # timm's dtype=: the float32 file loads into the float64 parameters it built
+    double = timm.create_model(FAKE, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, dtype=torch.float64)
+    assert {v.dtype for v in double.state_dict().values()} == {torch.float64}
+    torch.testing.assert_close(double.state_dict(), {k: v.double() for k, v in model.state_dict().items()})
     assert not server.requests
     with pytest.raises(CheckpointError, match="no published weights exist for revcol_xlarge"):
         timm.create_model("revcol_xlarge", pretrained=True)

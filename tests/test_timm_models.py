@@ -6,6 +6,9 @@ small inputs. The authors' classifier, its files and ``pretrained=True``: test_t
 
 from __future__ import annotations
 
+import inspect
+from collections import Counter
+
 import pytest
 import timm
 import torch
@@ -13,6 +16,8 @@ from helpers.models import TINY_CONFIG, seeded_images, tiny_timm_model
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import FeatureDictNet, FeatureInfo, FeatureListNet, get_pretrained_cfg
 from timm.optim import create_optimizer_v2
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import revcol
 from revcol import ConfigError, FullNet
@@ -76,8 +81,8 @@ def test_create_model_takes_the_issue_call_and_the_backbone_options():
             timm.create_model("revcol_base", pretrained=named)
     with pytest.raises(ConfigError, match="global_pool must be one of"):
         timm.create_model("revcol_tiny", global_pool="catavgmax")
-    with pytest.raises(ConfigError, match="needs num_classes=0"):
-        timm.create_model("revcol_tiny", global_pool="")
+    with pytest.raises(TypeError):  # timm's contract: an unknown keyword is an error, never ignored
+        timm.create_model("revcol_tiny", device="meta", not_a_model_arg=1)
 
 
 # --------------------------------------------------------------------------- timm's test_models.py
@@ -154,6 +159,102 @@ def test_default_cfgs_heads_and_reset_classifier():
     assert cfg["classifier"] + ".weight" in state and cfg["first_conv"] + ".weight" in state
     model.reset_classifier(3, "max")
     assert model.get_classifier().out_features == 3 and model(seeded_images()).shape == (1, 3)
+
+
+class _Allocations(TorchDispatchMode):
+    """Bytes of the tensors that torch's ops return while active, by (device type, dtype)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes: Counter[tuple[str, torch.dtype]] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.bytes[t.device.type, t.dtype] += t.numel() * t.element_size()
+        return out
+
+    def real(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes off the meta device (of ``dtype`` only, if given)."""
+        return sum(n for (device, kind), n in self.bytes.items() if device != "meta" and dtype in (None, kind))
+
+
+def _tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [*model.parameters(), *model.buffers()]
+
+
+def test_device_and_dtype_build_the_model_there_once():
+    """timm 1.0.31's ``test_model_default_cfgs`` builds with ``device=`` and ``dtype=``: ``device="meta"`` allocates
+    nothing, ``dtype=torch.float64`` never makes float32 parameters first."""
+    size = sum(t.numel() * 4 for t in _tensors(timm.create_model("revcol_tiny", num_classes=10, **TINY_CONFIG)))
+    with _Allocations() as meta_build:
+        meta = timm.create_model("revcol_tiny", num_classes=10, device="meta", **TINY_CONFIG)
+    assert all(t.is_meta for t in _tensors(meta))
+    # a few bytes of bookkeeping (timm's drop-path schedule), against 185 kB of parameters
+    assert meta_build.real() < 256 < size
+    logits = meta.eval().to(torch.bfloat16)(torch.empty(2, 3, 97, 131, device="meta", dtype=torch.bfloat16))
+    assert logits.shape == (2, 10) and logits.dtype == torch.bfloat16
+
+    with _Allocations() as double_build:
+        torch.manual_seed(0)
+        double = timm.create_model("revcol_tiny", num_classes=10, dtype=torch.float64, **TINY_CONFIG)
+    assert {t.dtype for t in _tensors(double)} == {torch.float64}
+    assert double_build.real(torch.float32) < 256 and double_build.real(torch.float64) >= 2 * size
+    torch.manual_seed(0)
+    single = timm.create_model("revcol_tiny", num_classes=10, **TINY_CONFIG)
+    for (name, got), want in zip(double.named_parameters(), single.parameters(), strict=True):
+        if not name.endswith(("weight", "bias")) or "norm" in name or name.startswith("cls.classifier.0"):
+            # the constants (alphas, gammas, norms) of the paper's initialisation, in float64
+            torch.testing.assert_close(got, want.double(), rtol=1e-7, atol=0, msg=name)
+    assert double.cls.classifier[1].weight.std().item() == pytest.approx(0.02, rel=0.2)
+    assert double(seeded_images().double()).dtype == torch.float64
+
+    with torch.device("meta"):  # torch's default device is the default; an explicit device wins over it
+        assert next(timm.create_model("revcol_tiny", **TINY_CONFIG).parameters()).is_meta
+        assert next(timm.create_model("revcol_tiny", device="cpu", **TINY_CONFIG).parameters()).device.type == "cpu"
+    with pytest.raises(ConfigError, match=r"device must be a torch.device or a device name .* got 'gpu0'"):
+        timm.create_model("revcol_tiny", device="gpu0", **TINY_CONFIG)
+    with pytest.raises(ConfigError, match=r"dtype must be a floating-point torch.dtype .* got torch.int64"):
+        timm.create_model("revcol_tiny", dtype=torch.int64, **TINY_CONFIG)
+
+
+def test_in_chans_is_the_configs():
+    """timm 1.0.31's ``test_model_default_cfgs``: ``model.in_chans == default_cfg["input_size"][0]``."""
+    model = timm.create_model("revcol_tiny", **TINY_CONFIG)
+    assert model.in_chans == model.default_cfg["input_size"][0] == 3
+
+
+def test_reset_classifier_keeps_the_pooling_device_dtype_and_mode():
+    """timm 1.0.31's ``test_model_default_cfgs``: ``reset_classifier(2)`` after ``reset_classifier(0, '')`` keeps
+    the pooling off (the Linear then classifies every position, as ConvNeXt's 1x1 conv), and a new Linear takes
+    the model's device, dtype and mode."""
+    model = tiny_timm_model(**TINY_CONFIG).eval()
+    x = seeded_images()
+    model.reset_classifier(0, "")
+    model.reset_classifier(2)
+    assert model.cls.pool_type == "" and model.num_classes == 2
+    with torch.no_grad():
+        features = model.forward_head(model.forward_features(x), pre_logits=True)
+        logits = model(x)
+    assert features.shape == (1, 32, 2, 2) and logits.shape == (1, 2, 2, 2)
+    linear = model.get_classifier()
+    for i, j in ((0, 0), (1, 0), (1, 1)):
+        torch.testing.assert_close(logits[:, :, i, j], linear(features[:, :, i, j]))
+    # the same head from the constructor: timm's ConvNeXt takes global_pool='' with classes too
+    unpooled = timm.create_model("revcol_tiny", num_classes=5, global_pool="", **TINY_CONFIG).eval()
+    assert unpooled(x).shape == (1, 5, 2, 2)
+
+    model.reset_classifier(3, "max")
+    model.reset_classifier(4)
+    assert model.cls.pool_type == "max" and model(x).shape == (1, 4)
+    model.to(device="meta", dtype=torch.float64)
+    model.reset_classifier(0)
+    model.reset_classifier(2, "avg")
+    weight = model.get_classifier().weight
+    assert weight.is_meta and weight.dtype == torch.float64
+    assert not any(m.training for m in model.modules())
+    assert inspect.signature(model.reset_classifier).parameters["global_pool"].default is None
 
 
 def _check_maps(outputs, channels, reductions, size: int = 64) -> None:

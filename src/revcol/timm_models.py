@@ -36,6 +36,8 @@ from revcol.weights.pretrained import PretrainedChoice, choose_pretrained, load_
 
 POOL_TYPES = ("avg", "max", "avgmax", "")  # pooled width must stay C3: the norm's shape is fixed by the checkpoints
 HEAD_PREFIX = "cls."
+# RevColClassifier's own keywords; the others are FullNet's.
+CLASSIFIER_KEYWORDS = ("num_classes", "global_pool", "drop_rate", "head_init_scale", "in_chans", "device", "dtype")
 # The 1k files trained with intermediate supervision have four heads, one per quarter of the columns; the last
 # one reads the last column, so it is the classifier of the finished network.
 LAST_SUPERVISION_HEAD = "cls_blocks.3."
@@ -56,29 +58,43 @@ class ClassifierHead(nn.Module):
     """The authors' head: global pool, LayerNorm (eps 1e-6), Linear; ``classifier.0`` and ``classifier.1``.
 
     The norm is channels-first so that it also applies per position when pooling is off (``global_pool=''``),
-    as timm's ConvNeXt head does; on the pooled (N, C, 1, 1) map it equals the authors' LayerNorm over C.
+    as timm's ConvNeXt head does; on the pooled (N, C, 1, 1) map it equals the authors' LayerNorm over C. Unpooled,
+    the Linear classifies every position ((N, num_classes, H, W) logits), as ConvNeXt's 1x1 convolution does there:
+    the weights keep the authors' shape whatever the pooling.
     """
 
-    def __init__(self, in_features: int, num_classes: int, pool_type: str = "avg", drop_rate: float = 0.0) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        pool_type: str = "avg",
+        drop_rate: float = 0.0,
+        *,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         _check_head(num_classes, pool_type)
         self.in_features = in_features
         self.num_classes = num_classes
         self.pool_type = pool_type
         self.global_pool = SelectAdaptivePool2d(pool_type=pool_type)
-        self.classifier = nn.Sequential(LayerNorm2d(in_features, eps=NORM_EPS), _linear(in_features, num_classes))
+        self.classifier = nn.Sequential(
+            LayerNorm2d(in_features, eps=NORM_EPS, device=device, dtype=dtype),
+            _linear(in_features, num_classes, device, dtype),
+        )
         self.drop = nn.Dropout(drop_rate)
 
     def reset(self, num_classes: int, pool_type: str | None = None) -> None:
-        """A new, freshly initialised Linear for ``num_classes`` (0: none); the norm is kept."""
+        """A new, freshly initialised Linear for ``num_classes`` (0: none); the norm is kept, and so is the pooling
+        unless ``pool_type`` names another. The new modules take the head's device, dtype and train/eval mode."""
         pool_type = self.pool_type if pool_type is None else pool_type
         _check_head(num_classes, pool_type)
         if pool_type != self.pool_type:
-            self.global_pool = SelectAdaptivePool2d(pool_type=pool_type)
+            self.global_pool = SelectAdaptivePool2d(pool_type=pool_type).train(self.training)
             self.pool_type = pool_type
-        device = self.classifier[0].weight.device
-        with torch.device(device):
-            self.classifier[1] = _linear(self.in_features, num_classes)
+        norm = self.classifier[0].weight
+        self.classifier[1] = _linear(self.in_features, num_classes, norm.device, norm.dtype).train(self.training)
         self.num_classes = num_classes
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -86,13 +102,18 @@ class ClassifierHead(nn.Module):
         if self.pool_type:
             x = x.flatten(1)
         x = self.drop(x)
-        return x if pre_logits else self.classifier[1](x)
+        if pre_logits:
+            return x
+        if self.pool_type or not self.num_classes:
+            return self.classifier[1](x)
+        # channels last for the Linear, then back: the logits keep the features' NCHW layout
+        return self.classifier[1](x.movedim(1, -1)).movedim(-1, 1)
 
 
-def _linear(in_features: int, num_classes: int) -> nn.Module:
+def _linear(in_features: int, num_classes: int, device: torch.device | None, dtype: torch.dtype | None) -> nn.Module:
     if num_classes == 0:
         return nn.Identity()
-    linear = nn.Linear(in_features, num_classes)
+    linear = nn.Linear(in_features, num_classes, device=device, dtype=dtype)
     trunc_normal_(linear.weight, std=0.02)
     nn.init.zeros_(linear.bias)
     return linear
@@ -103,8 +124,20 @@ def _check_head(num_classes: int, pool_type: str) -> None:
         raise ConfigError(f"global_pool must be one of {', '.join(map(repr, POOL_TYPES))}, got {pool_type!r}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
         raise ConfigError(f"num_classes must be an int >= 0 (0: no classifier), got {num_classes!r}")
-    if num_classes and not pool_type:
-        raise ConfigError("global_pool='' (unpooled features) needs num_classes=0; pool to classify")
+
+
+def _placement(device: torch.device | str | None, dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype]:
+    """Where and in which dtype to build: the given ones, else torch's defaults (a ``with torch.device`` included)."""
+    try:
+        device = torch.empty(0).device if device is None else torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(
+            f"device must be a torch.device or a device name such as 'cpu', 'cuda:0' or 'meta', got {device!r}"
+        ) from None
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ConfigError(f"dtype must be a floating-point torch.dtype such as torch.float32, got {dtype!r}")
+    return device, dtype
 
 
 class RevColClassifier(FullNet):
@@ -113,6 +146,22 @@ class RevColClassifier(FullNet):
     Backbone parameter names are ``FullNet``'s (``stem.*``, ``subnet*``), the head's ``cls.classifier.{0,1}.*``,
     so the authors' files load as they are. ``forward_features`` returns that coarsest map (N, C3, H/32, W/32);
     ``forward_intermediates`` the last column's four maps. Backbone keywords are ``FullNet``'s.
+
+    Args:
+        num_classes: Classes of the Linear; 0 for none (features out).
+        global_pool: "avg" (the authors'), "max", "avgmax", or "" (none: features or logits per position).
+        drop_rate: Dropout before the Linear.
+        head_init_scale: Multiplies the initial Linear weight and bias.
+        in_chans: Input channels; only 3 (``in_chans`` is also an attribute, as on timm's models).
+        device: Where to allocate and initialise the parameters ("meta": allocate nothing); default: torch's
+            default device (a ``with torch.device(...)`` block included).
+        dtype: Floating-point dtype of the parameters; default: torch's default dtype.
+        **backbone: ``FullNet``'s keywords (``channels``, ``layers``, ``num_subnet``, ``kernel_size``, ...).
+
+    Examples:
+        >>> model = RevColClassifier(num_classes=10, dtype=torch.float64, **VARIANTS["revcol_tiny"].fullnet_kwargs())
+        >>> model(torch.randn(2, 3, 224, 224, dtype=torch.float64)).shape
+        torch.Size([2, 10])
     """
 
     def __init__(
@@ -123,16 +172,24 @@ class RevColClassifier(FullNet):
         drop_rate: float = 0.0,
         head_init_scale: float = 1.0,
         in_chans: int = 3,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
         **backbone: Any,
     ) -> None:
         if in_chans != 3:
             raise ConfigError(f"RevCol takes RGB images: in_chans must be 3, got {in_chans!r}")
-        super().__init__(**backbone)
+        device, dtype = _placement(device, dtype)
+        # FullNet alone would allocate on the default device in the default dtype: built on the meta device instead,
+        # the backbone is allocated once, where and as asked (nothing at all on "meta"), then initialised there.
+        with torch.device("meta"):
+            super().__init__(**backbone)
+        self.to(dtype=dtype).to_empty(device=device)
+        self.init_weights()
+        self.in_chans = in_chans
         self.num_classes = num_classes
         self.num_features = self.head_hidden_size = self.channels[-1]
         self.drop_rate = drop_rate
-        with torch.device(self.stem[0].weight.device):
-            self.cls = ClassifierHead(self.num_features, num_classes, global_pool, drop_rate)
+        self.cls = ClassifierHead(self.num_features, num_classes, global_pool, drop_rate, device=device, dtype=dtype)
         if num_classes:
             # As the authors: scales the initial logits (fine-tuning recipes use values below 1).
             with torch.no_grad():
@@ -186,7 +243,8 @@ class RevColClassifier(FullNet):
         return self.cls.classifier[1]
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """A new Linear for ``num_classes`` (0: pooled features out), optionally another pooling ('' for none)."""
+        """A new Linear for ``num_classes`` (0: features out) on the model's device and dtype; the pooling is kept
+        unless ``global_pool`` names another ('' for none: features or logits per position)."""
         self.cls.reset(num_classes, global_pool)
         self.num_classes = num_classes
 
@@ -270,11 +328,7 @@ def default_cfgs_of(variant: str) -> dict[str, Any]:
 
 
 def _build(variant: str, choice: PretrainedChoice, drop_path_rate: float | None = None, **kwargs: Any) -> nn.Module:
-    head = {
-        k: kwargs.pop(k)
-        for k in ("num_classes", "global_pool", "drop_rate", "head_init_scale", "in_chans")
-        if k in kwargs
-    }
+    head = {k: kwargs.pop(k) for k in CLASSIFIER_KEYWORDS if k in kwargs}
     drop_path = kwargs.pop("drop_path", drop_path_rate)
     model = RevColClassifier(**head, **get_variant(variant).fullnet_kwargs(drop_path=drop_path, **kwargs))
     load_chosen(model, choice, load_classifier_weights)
