@@ -33,6 +33,6 @@ if torch_minor not in TORCHVISION_FOR_TORCH:
     sys.exit(f"add the torchvision release for torch {torch_minor} to TORCHVISION_FOR_TORCH in {__file__}")
 matching = TORCHVISION_FOR_TORCH[torch_minor]
 if "torchvision" in pins and pins["torchvision"].split(".")[:2] != matching.split(".")[:2]:
-    sys.exit(f"the torchvision floor {pins['torchvision']} is not {matching}, the release made for torch {pins['torch']}")
+    sys.exit(f"torchvision floor {pins['torchvision']} is not {matching}, the release made for torch {pins['torch']}")
 pins["torchvision"] = matching
 print("\n".join(f"{name}=={version}" for name, version in pins.items()))

@@ -26,9 +26,10 @@ TRAINED = "trained models"
 # only costs some balance.
 SLOW_SCOPES = {
     TRAINED: 80,
-    "test_docs.py": 80,
-    "test_cli.py": 55,
-    "test_examples.py": 50,
+    "test_cli.py": 45,
+    "test_examples.py": 55,
+    "test_transformers.py": 15,
+    "test_docs.py": 10,
     "test_fsdp.py": 35,
     "test_weights_cache.py": 30,
     "test_checkpoints_save.py": 30,

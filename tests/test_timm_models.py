@@ -437,3 +437,14 @@ def test_no_weight_decay_is_the_rule_the_ultralytics_trainers_follow():
     decay = {names[id(p)]: group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
     assert all(decay[name] == 0.0 for name in alphas | gammas)
     assert decay["stem.0.weight"] == 0.05
+
+
+def test_a_tag_fixes_the_architecture_even_without_its_weights():
+    """transformers builds a saved model from its config (the tagged name, no weights) and loads its own file after:
+    RevCol-H's 7x7 tags must build 7x7 kernels then too."""
+    with torch.device("meta"):
+        assert timm.create_model("revcol_huge.megdata_ft_ade20k", features_only=True).model.kernel_size == 7
+        assert timm.create_model("revcol_huge.megdata").kernel_size == 3
+        assert timm.create_model("revcol_tiny", output_stride=32).kernel_size == 3
+    with pytest.raises(ConfigError, match="output_stride must be None or 32"):
+        timm.create_model("revcol_tiny", output_stride=16)

@@ -350,6 +350,8 @@ def create(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
             f"timm's pretrained= is True or False, got {pretrained!r}: name a tag in the model name ({tags}) or a "
             "file with pretrained_cfg_overlay=dict(file=PATH)"
         )
+    if kwargs.pop("output_stride", None) not in (None, 32):  # transformers' TimmBackbone passes it from 5.1 on
+        raise ConfigError("RevCol's output stride is 32 (it has no dilated variant): output_stride must be None or 32")
     features = feature_cfg(kwargs) if kwargs.get("features_only") else None
     cfg = resolve_pretrained_cfg(
         variant,
@@ -359,6 +361,10 @@ def create(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     # a file of the config (pretrained_cfg_overlay) is a path, never a tag: a Path object is never looked up
     named = (Path(cfg.file) if cfg.file else cfg.tag or True) if pretrained else None
     choice = choose_pretrained(variant, named, kwargs.get("kernel_size"))
+    if not pretrained and cfg.tag and "kernel_size" not in kwargs:
+        # A tag names an architecture as well as weights (RevCol-H's k7 files): built without them, the model must
+        # still take them, e.g. when transformers builds from a saved config and loads its own file afterwards.
+        kwargs["kernel_size"] = choose_pretrained(variant, cfg.tag).kernel_size
     if choice.kernel_size is not None:
         kwargs["kernel_size"] = choice.kernel_size
     # timm is told pretrained=False: the weights are loaded by _build, before any features_only wrapping.
