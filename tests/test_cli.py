@@ -6,11 +6,15 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 import logging
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import ultralytics
@@ -25,14 +29,25 @@ from revcol.ultralytics import releases, yaml_rows
 REVCOL = Path(sys.executable).with_name("revcol")
 
 
-def revcol(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run the installed console script offline, with Ultralytics settings in ``cwd`` and network attempts logged.
-
-    Commands that write runs pass ``project=`` too: Ultralytics' default runs folder is under the git root
-    of its own installation (this checkout, for a venv inside it), not under the current directory.
-    """
+def revcol(*args: str, cwd: Path, timeout: float = 300, site: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the installed console script offline, with Ultralytics settings in ``cwd`` and network attempts logged;
+    ``site``: a folder whose packages come first (``in_a_clone``'s Ultralytics)."""
     env = revcol_env(cwd)
+    if site is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(site), env["PYTHONPATH"]])
     return subprocess.run([str(REVCOL), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def in_a_clone(clone: Path) -> Path:
+    """The README's install as Ultralytics sees it: its package in a virtual environment inside a git checkout
+    (``clone``, with a ``.git`` folder), here a copy of the installed package; returns the folder that holds it."""
+    from ultralytics.utils.git import GitRepo
+
+    (clone / ".git").mkdir(parents=True)
+    site = clone / ".venv" / "lib" / "site-packages"
+    shutil.copytree(Path(ultralytics.__file__).parent, site / "ultralytics")  # copy2: its bytecode stays valid
+    assert GitRepo(site / "ultralytics" / "utils" / "git.py").root == clone  # where Ultralytics looks for its git
+    return site
 
 
 def no_network(cwd: Path) -> None:
@@ -50,6 +65,26 @@ def test_help(tmp_path):
     assert HELP in run.stdout
     for text in ("revcol demo", "revcol info", "train, val, predict, export", "yolo help", "rtdetr-revcol.yaml"):
         assert text in run.stdout, text
+
+
+HELP_ALONE = """
+import importlib.util, sys, types
+# The revcol package itself, standing in for its __init__ (which registers with Ultralytics): only cli's own imports
+package = types.ModuleType("revcol")
+package.__path__ = list(importlib.util.find_spec("revcol").submodule_search_locations)
+sys.modules["revcol"] = package
+from revcol.cli.commands import help_text
+assert "Shipped model configs" in help_text()
+print(sorted({name.partition(".")[0] for name in sys.modules} & {"torch", "timm", "ultralytics", "numpy", "cv2"}))
+"""
+
+
+def test_building_the_help_imports_no_torch_timm_or_ultralytics(tmp_path):
+    """The help is written from data modules that import none of them (`import revcol` itself still does: it
+    registers the backbones with Ultralytics)."""
+    run = subprocess.run([sys.executable, "-c", HELP_ALONE], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["[]"]
 
 
 @pytest.mark.parametrize("flag", sorted(HELP_ALIASES))
@@ -212,19 +247,31 @@ def test_info_unknown_variant(capsys):
     assert "unknown variant 'revcol_giant'" in err and "revcol_small" in err
 
 
+class Trained(NamedTuple):
+    cwd: Path  # where the commands run, outside the clone
+    clone: Path  # the git checkout that holds the virtual environment with Ultralytics
+    site: Path  # the environment's packages
+    run: subprocess.CompletedProcess  # the training
+
+
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """A 1-epoch ``revcol train`` of a tiny custom RevCol RT-DETR on a generated dataset, in a fresh folder."""
-    cwd = tmp_path_factory.mktemp("cli")
+def trained(tmp_path_factory) -> Trained:
+    """A 1-epoch ``revcol train`` of a tiny custom RevCol RT-DETR on a generated dataset, in a fresh folder, with
+    Ultralytics in a virtual environment inside a git checkout (the README's install) and no ``project=``.
+
+    The YAML is called ``mine.yaml``: the model is RT-DETR for its head, not for a name containing "rtdetr".
+    """
+    root = tmp_path_factory.mktemp("cli")
+    cwd, clone = root / "work", root / "clone"
+    site = in_a_clone(clone)
     data = generate_dataset(cwd / "shapes", n_train=8, n_val=4, imgsz=64, seed=0)
-    (cwd / "tiny-rtdetr-revcol.yaml").write_text(TINY_RTDETR_YAML)
-    args = ["train", "model=tiny-rtdetr-revcol.yaml", f"data={data}", "epochs=1", "imgsz=64", "batch=4"]
-    run = revcol(*args, "workers=0", "plots=False", "device=cpu", f"project={cwd / 'runs' / 'detect'}", cwd=cwd)
-    return cwd, run
+    (cwd / "mine.yaml").write_text(TINY_RTDETR_YAML)
+    args = ["train", "model=mine.yaml", f"data={data}", "epochs=1", "imgsz=64", "batch=4"]
+    return Trained(cwd, clone, site, revcol(*args, "workers=0", "plots=False", "device=cpu", cwd=cwd, site=site))
 
 
 def test_train(trained):
-    cwd, run = trained
+    cwd, _, _, run = trained
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     save_dir = cwd / "runs" / "detect" / "train"
     for name in ("weights/best.pt", "weights/last.pt", "results.csv", "args.yaml"):
@@ -232,24 +279,43 @@ def test_train(trained):
     with open(save_dir / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 1 and "metrics/mAP50(B)" in rows[0]
+    assert "train/giou_loss" in rows[0]  # RT-DETR's trainer: its losses, not YOLO's box/dfl losses
     printed = run.stdout + run.stderr
     assert "RevColBackbone" in printed  # Ultralytics' model summary lists the backbone layer
     assert "1 epochs completed" in printed and str(save_dir) in printed
+    assert f"Optimizer stripped from {save_dir / 'weights' / 'last.pt'}, " in printed  # the file, not its stand-in
+    assert ".part" not in printed and "no model scale passed" not in printed
     no_network(cwd)
 
 
 def test_predict_with_trained_weights(trained):
-    cwd, _ = trained
+    cwd, _, site, _ = trained
     best = cwd / "runs" / "detect" / "train" / "weights" / "best.pt"
     source = cwd / "shapes" / "images" / "test"
-    project = f"project={cwd / 'runs' / 'detect'}"
-    run = revcol("predict", f"model={best}", f"source={source}", "imgsz=64", "device=cpu", project, cwd=cwd)
+    run = revcol("predict", f"model={best}", f"source={source}", "imgsz=64", "device=cpu", cwd=cwd, site=site)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     save_dir = cwd / "runs" / "detect" / "predict"
     saved = sorted(save_dir.glob("*.jpg"))  # Ultralytics saves annotated images as JPEG
     assert [p.stem for p in saved] == sorted(p.stem for p in source.glob("*.png"))
     assert all(p.stat().st_size > 0 for p in saved)
     assert "Results saved to" in run.stdout + run.stderr
+    no_network(cwd)
+
+
+def test_runs_are_saved_where_the_command_runs_and_the_settings_name_no_folder_of_the_clone(trained):
+    """Ultralytics takes a git checkout above its package for its own: without revcol, runs would go into the clone
+    and the settings file would keep its folders for every later project."""
+    cwd, clone, site, _ = trained
+    best = cwd / "runs" / "detect" / "train" / "weights" / "best.pt"
+    data = cwd / "shapes" / "data.yaml"
+    run = revcol("val", f"model={best}", f"data={data}", "imgsz=64", "batch=4", "device=cpu", cwd=cwd, site=site)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert sorted(p.name for p in (cwd / "runs" / "detect").iterdir()) == ["predict", "train", "val"]
+    assert sorted(p.name for p in clone.iterdir()) == [".git", ".venv"]
+    assert sorted(p.name for p in clone.parent.iterdir()) == ["clone", "work"]  # no datasets/ beside it either
+    settings = json.loads((cwd / "ultralytics-config" / "Ultralytics" / "settings.json").read_text())
+    folders = {key: settings[key] for key in ("runs_dir", "weights_dir", "datasets_dir")}
+    assert not any(Path(folder).is_absolute() for folder in folders.values()), folders  # each under the working one
     no_network(cwd)
 
 

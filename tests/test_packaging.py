@@ -128,7 +128,12 @@ def test_readme_is_short_and_leads_with_the_two_commands():
     assert len(commands) == 2 and commands[1] < 20
     assert "revcol demo" in lines[commands[0]] and "python -m pytest -q" in lines[commands[1]]
     quick_starts = [line for line in lines if line.startswith("## Quick start")]
-    assert quick_starts == ["## Quick start: Ultralytics", "## Quick start: PyTorch", "## Quick start: timm"]
+    assert quick_starts == [
+        "## Quick start: Ultralytics",
+        "## Quick start: PyTorch",
+        "## Quick start: timm",
+        "## Quick start: torchvision and Hugging Face",
+    ]
 
 
 def test_every_local_link_in_the_docs_resolves():

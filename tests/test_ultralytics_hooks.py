@@ -4,18 +4,22 @@ with the table, around a training, the command and the demo: ``test_hooks.py``."
 
 from __future__ import annotations
 
+import logging
 import threading
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from helpers.plugin import rtdetr_dict
-from helpers.yamls import TINY_OPTIONS
+from helpers.yamls import TINY_OPTIONS, TINY_RTDETR_YAML, TINY_YOLO_YAML, without_revcol
 from ultralytics.engine.model import Model
 from ultralytics.nn import tasks
 
 import revcol
-from revcol.ultralytics import hooks
+from revcol.ultralytics import hooks, wrappers
 from revcol.ultralytics.backbone import RevColBackbone
+from revcol.ultralytics.yaml_rows import shipped_configs
 
 
 def _targets(group: str = hooks.REGISTER) -> list[tuple[object, str]]:
@@ -195,3 +199,83 @@ def test_instance_groups_apply_to_one_trainer_and_restore_exactly(tmp_path):
         assert all(vars(trainer)[name] is before[id(trainer)][name] for name in names)
     with pytest.raises(TypeError, match=r"applies to an instance of it"), hooks.applied(hooks.SAVE, instance=object()):
         pass
+
+
+def test_a_revcol_yaml_with_an_rt_detr_head_is_rt_detr_whatever_its_name(tmp_path, monkeypatch):
+    """Ultralytics tells RT-DETR by the head for a checkpoint and by the file name for a YAML; YOLO("mine.yaml") of
+    a RevCol RT-DETR is RT-DETR, as its checkpoint would be. Models without a RevCol backbone are left as they were."""
+    from ultralytics import RTDETR, YOLO
+
+    monkeypatch.chdir(tmp_path)  # the export of a model built from a YAML is written to the working folder
+    (tmp_path / "mine.yaml").write_text(TINY_RTDETR_YAML)
+    (tmp_path / "plain.yaml").write_text(without_revcol(TINY_RTDETR_YAML))
+    (tmp_path / "yolo.yaml").write_text(TINY_YOLO_YAML)
+    for model in (YOLO(tmp_path / "mine.yaml"), YOLO(model=str(tmp_path / "mine.yaml"), task="detect")):
+        assert type(model) is RTDETR and model.task == "detect" and model.model.yaml["head"][-1][2] == "RTDETRDecoder"
+    exported = YOLO(tmp_path / "mine.yaml").export(format="torchscript", imgsz=64, device="cpu")
+    assert Path(exported).resolve() == tmp_path / "mine.torchscript" and Path(exported).is_file()
+    assert type(YOLO(tmp_path / "yolo.yaml")) is YOLO
+    with pytest.raises(NotImplementedError):  # Ultralytics' own answer for a plain RT-DETR YAML under such a name
+        YOLO(tmp_path / "plain.yaml")
+
+
+def test_shipped_configs_name_their_scale_and_a_revcol_yaml_may_declare_one(tmp_path):
+    logged = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    for name in shipped_configs():
+        d = tasks.yaml_model_load(name)
+        assert not d.get("scales") or d["scale"] in d["scales"], name  # so parse_model assumes nothing
+    scales = "scales:\n  s: [0.5, 0.5, 1024]\n  m: [1.0, 1.0, 1024]\n"
+    (tmp_path / "mine.yaml").write_text(f"scale: m\n{scales}{TINY_YOLO_YAML}")
+    (tmp_path / "bad.yaml").write_text(f"scale: q\n{scales}{TINY_YOLO_YAML}")
+    (tmp_path / "two.yaml").write_text(f"{scales}{TINY_YOLO_YAML}")
+    ultralytics_logger = logging.getLogger("ultralytics")
+    ultralytics_logger.addHandler(handler)
+    try:
+        model = tasks.DetectionModel(str(tmp_path / "mine.yaml"), verbose=False)
+        assert not logged, logged
+        assert model.yaml["scale"] == "m"
+        tasks.DetectionModel(str(tmp_path / "two.yaml"), verbose=False)  # a choice left to make: Ultralytics warns
+        assert any("no model scale passed" in message for message in logged)
+    finally:
+        ultralytics_logger.removeHandler(handler)
+    with pytest.raises(revcol.ConfigError, match=r"scale 'q' is not one of its scales: s, m"):
+        tasks.yaml_model_load(str(tmp_path / "bad.yaml"))
+
+
+@pytest.fixture
+def settings_of_a_clone(tmp_path, monkeypatch):
+    """Ultralytics' settings as it writes them at its first import from a virtual environment inside a git checkout
+    (``tmp_path / "clone"``), in a file of their own."""
+    from ultralytics import utils
+
+    clone = tmp_path / "clone"
+    monkeypatch.setattr(utils, "GIT", SimpleNamespace(root=clone))
+    settings = utils.SettingsManager(tmp_path / "settings.json")  # its defaults, from the GIT above
+    monkeypatch.setattr(utils, "SETTINGS", settings)
+    assert settings["runs_dir"] == str(clone / "runs")
+    return settings
+
+
+def test_the_settings_folders_derived_from_a_checkout_not_ultralytics_own_follow_the_working_folder(
+    settings_of_a_clone, tmp_path
+):
+    import json
+
+    settings_of_a_clone.update(weights_dir=str(tmp_path / "my-weights"))  # chosen by the user: it stays
+    wrappers.own_settings()
+    expected = {"runs_dir": "runs", "datasets_dir": "datasets", "weights_dir": str(tmp_path / "my-weights")}
+    written = json.loads((tmp_path / "settings.json").read_text())
+    assert {key: written[key] for key in expected} == expected
+    assert wrappers.runs_dir(None) == Path("runs")
+
+
+def test_the_settings_of_ultralytics_own_checkout_are_left_as_they_are(settings_of_a_clone, monkeypatch):
+    import ultralytics
+    from ultralytics import utils
+
+    monkeypatch.setattr(utils, "GIT", SimpleNamespace(root=Path(ultralytics.__file__).resolve().parent.parent))
+    before = dict(settings_of_a_clone)
+    wrappers.own_settings()
+    assert dict(settings_of_a_clone) == before

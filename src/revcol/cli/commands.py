@@ -10,8 +10,8 @@ Everything that is not one of our commands (``demo``, ``info``, ``download``, ``
 Ultralytics' own CLI entry point after ``import revcol``, so arguments, outputs, ``runs/`` folders,
 progress bars and error messages are Ultralytics' own. Errors a user can cause (bad arguments, a
 wrong model YAML, a missing file) are printed without a traceback: exit status 2 for a malformed
-command line, 1 otherwise; set ``REVCOL_TRACEBACK=1`` to see the traceback. Called from Python
-(``main([...])``), every command leaves ``os.environ`` and the loggers as it found them."""
+command line, 1 otherwise (``revcol.cli.problems``); set ``REVCOL_TRACEBACK=1`` to see the traceback. Called from
+Python (``main([...])``), every command leaves ``os.environ`` and the loggers as it found them."""
 
 from __future__ import annotations
 
@@ -34,18 +34,18 @@ from revcol.cli.info import (
     variant_table,
     weights_table,
 )
-from revcol.errors import RevColError
+from revcol.cli.problems import check_names_a_model, explain
 
 OUR_COMMANDS = ("demo", "info", "download", "help", "version")
 
 
 HELP_ALIASES = frozenset({"help", "-h", "--help", "-help", "h"})
 
-
-# Errors a user can cause, shown as a message, not a traceback: revcol's own (a bad configuration, model-YAML row,
-# input or checkpoint), a malformed command line (Ultralytics' argument checks and ours raise SyntaxError) and a
-# path that does not exist. Anything else, a TypeError or KeyError from a bug say, keeps its traceback.
-USER_ERRORS = (RevColError, SyntaxError, FileNotFoundError)
+# The line under a user error's message, by exit status: 2 for a malformed command line, 1 for anything else.
+HINTS = {
+    2: "revcol: see `revcol help`",
+    1: "revcol: see `revcol help` (REVCOL_TRACEBACK=1 shows the traceback)",
+}
 
 
 _HELP = string.Template("""\
@@ -63,6 +63,9 @@ Usage:
 
 Modes (same arguments and outputs as `yolo`, see `yolo help` or https://docs.ultralytics.com/usage/cli/):
     train, val, predict, export, track, benchmark; other `yolo` commands (checks, settings, cfg, ...) work too.
+    Each mode needs model=: a model YAML (a shipped config below, or your copy under any name) or a checkpoint.
+    Runs are saved under runs/ in the folder the command runs in, unless project= or your Ultralytics
+    settings (`revcol settings`, runs_dir) name another folder.
 
 Shipped model configs, loadable by bare name:
 $configs
@@ -129,12 +132,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("revcol: interrupted", file=sys.stderr)
         return 130
-    except USER_ERRORS as error:
-        if _env_true("REVCOL_TRACEBACK"):
-            raise
-        print(f"{type(error).__name__}: {error}".rstrip(), file=sys.stderr)
-        print("revcol: see `revcol help` (REVCOL_TRACEBACK=1 shows the traceback)", file=sys.stderr)
-        return 2 if isinstance(error, SyntaxError) else 1  # 2: the command line itself is wrong
+    except Exception as error:
+        problem = explain(error, command, () if command in OUR_COMMANDS else args)
+        if problem is None or _env_true("REVCOL_TRACEBACK"):
+            raise  # a bug, or the traceback asked for
+        print(problem.message, file=sys.stderr)
+        print(HINTS[problem.status], file=sys.stderr)
+        return problem.status
 
 
 def _run(command: str, args: list[str]) -> int:
@@ -160,6 +164,7 @@ def _ultralytics(args: list[str]) -> int:
     import revcol  # noqa: F401  (registers the backbones)
     from revcol.ultralytics import hooks
 
+    check_names_a_model(args)
     # Ultralytics reads the command line from module globals (copies of sys.argv) and recognises its CLI by the
     # program name, e.g. `yolo predict` saves annotated results by default: the `cli` group of revcol.hooks.HOOKS
     # makes this, seen from there, `yolo` with our arguments.

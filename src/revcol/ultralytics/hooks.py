@@ -50,12 +50,29 @@ class Hook:
 TASKS = "ultralytics.nn.tasks"
 TRAINER = "ultralytics.engine.trainer:BaseTrainer"
 OURS, WRAPPERS, TRAINERS = __name__, "revcol.ultralytics.wrappers", "revcol.ultralytics.trainers"
+# Ultralytics takes the git checkout its package sits in (a virtual environment inside a clone of revcol) for its own
+# and derives these folders from it: revcol.ultralytics.wrappers.own_settings.
+SETTINGS_WHY = "the settings' folder, not one of a git checkout that is not Ultralytics'"
 
 HOOKS: tuple[Hook, ...] = (
     Hook(TASKS, "RevColBackbone", f"{OURS}:backbone_class", "the layer name an expanded row refers to",
          guard=False),
     Hook(TASKS, "parse_model", f"{WRAPPERS}:wrap_parse_model", "expand the RevCol row before parsing"),
     Hook(TASKS, "check_yaml", f"{WRAPPERS}:wrap_check_yaml", "shipped configs by bare name"),
+    Hook(TASKS, "guess_model_scale", f"{WRAPPERS}:wrap_guess_model_scale",
+         "a RevCol YAML's own `scale:` (or its one scale) when its file name names none: no 'Assuming scale'"),
+    Hook("ultralytics.models.yolo.model:YOLO", "__init__", f"{WRAPPERS}:wrap_yolo_init",
+         "a RevCol YAML with an RT-DETR head builds RT-DETR whatever its file name, as a checkpoint does"),
+    Hook("ultralytics.utils", "RUNS_DIR", f"{WRAPPERS}:runs_dir", SETTINGS_WHY, guard=False),
+    Hook("ultralytics.cfg", "RUNS_DIR", f"{WRAPPERS}:runs_dir", "its copy, where runs go (8.4.67)", guard=False,
+         optional=True),
+    Hook("ultralytics.utils", "DATASETS_DIR", f"{WRAPPERS}:datasets_dir", SETTINGS_WHY, guard=False),
+    Hook("ultralytics.data.utils", "DATASETS_DIR", f"{WRAPPERS}:datasets_dir", "its copy: relative dataset paths",
+         guard=False),
+    Hook("ultralytics.data.converter", "DATASETS_DIR", f"{WRAPPERS}:datasets_dir", "its copy", guard=False),
+    Hook("ultralytics.models.yolo.world.train_world", "DATASETS_DIR", f"{WRAPPERS}:datasets_dir", "its copy",
+         guard=False),
+    Hook("ultralytics.utils", "WEIGHTS_DIR", f"{WRAPPERS}:weights_dir", SETTINGS_WHY, guard=False),
     Hook(f"{TASKS}:BaseModel", "predict", f"{WRAPPERS}:wrap_predict", "embed= of layer 0 means its 4 maps"),
     Hook(f"{TASKS}:RTDETRDetectionModel", "predict", f"{WRAPPERS}:wrap_predict", "RT-DETR's own predict"),
     Hook(f"{TASKS}:_SafeLoad", "loading", "revcol.ultralytics.safe_load:wrap_safe_loading",

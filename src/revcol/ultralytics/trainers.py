@@ -18,10 +18,13 @@ and so registers the backbones and these hooks before it builds the model or the
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
+import os
 import threading
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,7 @@ import torch
 from torch import nn
 from ultralytics.engine.trainer import BaseTrainer
 from ultralytics.nn.tasks import yaml_model_load
+from ultralytics.utils import LOGGER
 
 from revcol._atomic import replace_atomically, write_atomically
 from revcol.core.network import FullNet, find_backbones
@@ -301,9 +305,28 @@ def wrap_strip_optimizer(strip_optimizer: Callable) -> Callable:
         if s:  # written to another file: f stays as it was
             return strip_optimizer(f, s, *args, **kwargs)
         result = []
-        replace_atomically(
-            Path(f), lambda temporary: result.append(strip_optimizer(f, str(temporary), *args, **kwargs))
-        )
+
+        def write(temporary: Path) -> None:
+            # Its message would name the temporary file ("saved as .last.pt.<token>.part"): the one logged names f.
+            with _unlogged(str(temporary)):
+                result.append(strip_optimizer(f, str(temporary), *args, **kwargs))
+
+        replace_atomically(Path(f), write)
+        LOGGER.info(f"Optimizer stripped from {f}, {os.path.getsize(f) / 1e6:.1f}MB")  # as Ultralytics says it in place
         return result[0]
 
     return wrapper
+
+
+@contextlib.contextmanager
+def _unlogged(text: str) -> Iterator[None]:
+    """Ultralytics' log records that mention ``text`` dropped for the duration of the block."""
+
+    def kept(record: logging.LogRecord) -> bool:
+        return text not in record.getMessage()
+
+    LOGGER.addFilter(kept)
+    try:
+        yield
+    finally:
+        LOGGER.removeFilter(kept)
