@@ -42,6 +42,7 @@ from benchmarks.sections.exactness import section_exactness
 from benchmarks.sections.footprint import section_footprint
 from benchmarks.sections.memory import section_memory
 from benchmarks.sections.scaling import section_scaling
+from benchmarks.sections.sizes import section_sizes
 from benchmarks.sections.speed import section_construction, section_eval, section_train
 from benchmarks.sections.torch_tools import section_compile, section_profile
 
@@ -56,6 +57,7 @@ SECTIONS: dict[str, Callable[[Config], SectionResult]] = {
     "footprint": section_footprint,
     "train": section_train,
     "eval": section_eval,
+    "sizes": section_sizes,
     "scaling": section_scaling,
     "compile": section_compile,
     "profile": section_profile,

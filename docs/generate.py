@@ -37,7 +37,8 @@ END = "<!-- end generated -->"
 GIB = 2**30
 HUGE_RANKS = (1, 2, 4, 8, 16, 32, 64)
 IMGSZ = 224  # of the GFLOPs column: the variants' ImageNet resolution
-MEMORY_RESULTS = ROOT / "benchmarks" / "results-memory.md"
+BENCHMARKS = ROOT / "benchmarks"  # the data pages are generated from, wherever the pages are written
+MEMORY_RESULTS = BENCHMARKS / "results-memory.md"
 
 
 def pages(root: Path | None = None) -> list[Path]:
@@ -136,6 +137,15 @@ def huge_per_rank() -> str:
     )
 
 
+def results(name: str) -> str:
+    """The summary table of ``benchmarks/NAME`` (a report of ``python -m benchmarks.run``), its command and machine."""
+    text = (BENCHMARKS / name).read_text()
+    command = re.search(r"^Command: `(.*?)`", text, re.M).group(1)
+    machine = re.search(r"^Machine: (.*?)\s*$", text, re.M).group(1)
+    table = re.search(r"^\| metric \|.*?(?=\n\n)", text, re.M | re.S).group(0)
+    return f"{table}\n\n`{command}`; {machine} (`benchmarks/{name}`)."
+
+
 def memory() -> str:
     """The footprint tables of ``benchmarks/results-memory.md``: memory kept for backward and step time."""
     text = MEMORY_RESULTS.read_text()
@@ -204,6 +214,7 @@ BLOCKS: dict[str, Callable[..., str]] = {
     "requirements": requirements,
     "huge-per-rank": huge_per_rank,
     "memory": memory,
+    "results": results,
     "api": api,
 }
 

@@ -38,9 +38,21 @@ def test_quick_run_writes_a_table_and_a_plot(bench, tmp_path):
     assert results.read_text() == text
     assert "Command: `python -m benchmarks.run --quick --repeats 1 --results" in text
     assert "| metric | goal | measured | met |" in text
-    sections = ("construction", "exactness", "memory", "footprint", "train", "eval", "scaling", "compile", "profile")
+    sections = (
+        "construction",
+        "exactness",
+        "memory",
+        "footprint",
+        "train",
+        "eval",
+        "sizes",
+        "scaling",
+        "compile",
+        "profile",
+    )
     for section in (*sections, "cuda"):
         assert f"### {section}" in text
+    assert "now against before: max relative difference 0.0e+00" in text  # multiples of 32: bit-identical
     rows = ("fp32 grad rel. error", "saved MB, reversible", "train step: baseline rev / ours rev", "eval 64x64")
     for row in (*rows, "revcol_tiny rev vs convnext_tiny", "RT-DETR RevCol-S rev vs ResNet-50"):
         assert row in text

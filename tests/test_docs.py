@@ -39,6 +39,7 @@ EXPECTED_BLOCKS = {
     "huge-per-rank": {"docs/scaling.md"},
     "memory": {"README.md", "docs/scaling.md"},
     "api": {"docs/api.md"},
+    "results": {"docs/benchmarks.md"},
 }
 
 NAME = re.compile(r"(?<![\w./-])revcol(?:\.[A-Za-z_]\w*)+(?![\w<])")
