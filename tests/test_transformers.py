@@ -58,6 +58,11 @@ def fake_variant(tmp_path, monkeypatch) -> None:
     offline_weights(tmp_path, monkeypatch)
     monkeypatch.setitem(revcol.VARIANTS, FAKE, FAKE_SPEC)
     monkeypatch.setitem(WEIGHTS, FAKE, {ADE_ENTRY.tag: ADE_ENTRY})
+    # timm's register_model appends the name to the module's __all__: without these, the fake variant would stay
+    # public in revcol.timm_models for every later test of this process (docs/api.md's check among them).
+    monkeypatch.setattr(timm_models, "__all__", list(timm_models.__all__))
+    monkeypatch.setattr(timm_models, "default_cfgs", dict(timm_models.default_cfgs))
+    monkeypatch.setattr(timm_models, FAKE, None, raising=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # timm warns when a name is registered again (an earlier test)
         timm_models.register(FAKE)
