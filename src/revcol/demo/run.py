@@ -2,33 +2,29 @@
 
 Generates the shapes dataset (``revcol.demo.shapes``; 480/40/40 images of 96 px by default), trains the small
 ``rtdetr-revcol-demo.yaml`` (0.9 M parameters: a 2-column RevCol with channels 16-128, and an RT-DETR head with 30
-queries) on the CPU for 15 epochs (AdamW, lr0 0.005, batch 16, 10 denoising queries, one warm-up epoch,
-Ultralytics' default augmentation) with every core the process is given, evaluates ``best.pt`` on the test split,
-predicts on the test images and saves pictures annotated by Ultralytics' ``Results.plot``, then prints where
-everything is, its wall time, the thread count and the test mAP. Nothing is downloaded (see ``offline``). Measured
-times and accuracy are in ``docs/demo.md``.
-"""
+queries) on the CPU for 15 epochs (AdamW, lr0 0.005, batch 8 with an optimizer step every batch, 10 denoising
+queries, one warm-up epoch, Ultralytics' default augmentation) with as many torch threads as there are free cores
+(``revcol.demo.threads``), evaluates ``best.pt`` on the test split, predicts on the test images and saves pictures
+annotated by Ultralytics' ``Results.plot``, then prints where everything is, its wall time, the thread count and the
+test mAP. Nothing is downloaded (see ``offline``). Measured times and accuracy are in ``docs/demo.md``."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from revcol._process import process_state_kept
+from revcol.demo.pictures import save_predictions
 from revcol.demo.shapes import generate_dataset
+from revcol.demo.threads import IdleCores, available_cores, metered_threads
 
 if TYPE_CHECKING:
     from torch import nn
-    from ultralytics.engine.results import Results
     from ultralytics.utils.metrics import DetMetrics
 
 
@@ -39,15 +35,11 @@ DEMO_DEFAULTS = {
     "n_train": 480,
     "n_val": 40,
     "n_test": 40,
-    "batch": 16,
+    "batch": 8,
     "lr0": 0.005,
     "denoising": 10,
     "seed": 0,
 }
-MIN_CONF = 0.5  # detections drawn in the annotated pictures
-OVERLAP_IOU = 0.7  # of boxes overlapping more than this, only the most confident is drawn
-PICTURE_SIZE = 256  # annotated pictures are drawn at this size
-GRID = (4, 2)  # columns, rows of the predictions.jpg contact sheet
 
 
 @contextlib.contextmanager
@@ -70,21 +62,23 @@ def offline() -> Iterator[None]:
         yield
 
 
-def available_cores() -> int:
-    """The CPU cores this process may run on (its affinity mask, e.g. under ``taskset``), where the OS tells."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+def thread_meter(device: str, workers: int) -> IdleCores | None:
+    """What sets the torch threads for training on the CPU with no loader workers: the cores other processes leave
+    free (``revcol.demo.threads``), read at every epoch's start.
+
+    Ultralytics sets ``cpu_count - 1`` torch threads, leaving a core to its data-loading workers; with ``workers=0``
+    the main process loads the data itself between steps, so that core would sit idle on a quiet machine, and on a
+    busy one any thread beyond the free cores slows every step. None (keep Ultralytics' setting) on a GPU or with
+    loader workers.
+    """
+    return IdleCores() if str(device).lower() == "cpu" and workers == 0 else None
 
 
 def training_threads(device: str, workers: int) -> int | None:
-    """Torch threads for training on the CPU with no loader workers: every core the process is given.
-
-    Ultralytics sets ``cpu_count - 1`` torch threads, leaving a core to its data-loading workers; with ``workers=0``
-    the main process loads the data itself between steps, so that core would sit idle (a 2-core machine would
-    train on one). None (keep Ultralytics' setting) on a GPU or with loader workers.
-    """
-    return available_cores() if str(device).lower() == "cpu" and workers == 0 else None
+    """The torch threads the demo would train with now: the cores other processes leave free, read over
+    ``revcol.demo.threads.MIN_INTERVAL``; None (Ultralytics' setting) on a GPU or with loader workers."""
+    meter = thread_meter(device, workers)
+    return None if meter is None else meter.threads()
 
 
 @contextlib.contextmanager
@@ -94,7 +88,7 @@ def denoising_queries(model: nn.Module, queries: int) -> Iterator[None]:
 
     Denoising queries exist only in training (noised copies of the ground-truth boxes that the decoder learns to
     restore), so the model and its inference are the same; fewer of them make a CPU training step about twice as
-    fast on the demo's images, which hold at most three objects. Set on the built model because a YAML can name
+    fast on the demo's images, which hold at most five objects. Set on the built model because a YAML can name
     the count only after the decoder's activation, which Ultralytics before 8.4.146 cannot take from a YAML; the
     attribute is the ``denoising`` group of ``revcol.ultralytics.hooks.HOOKS``.
     """
@@ -124,40 +118,41 @@ def train(
     output: Path,
     *,
     epochs: int,
+    batch: int,
     lr0: float,
     seed: int,
     denoising: int | None = None,
+    meter: IdleCores | None = None,
     **settings,
-) -> tuple[Path, int]:
+) -> tuple[Path, list[int]]:
     """Train ``model`` on ``data_yaml`` into ``output/train``.
 
-    Returns its ``best.pt`` (``last.pt`` if there is none) and the number of torch threads it trained with.
-    ``denoising``: the decoder's denoising queries in training (None: the model's own). ``settings`` (imgsz,
-    batch, device, workers) go to Ultralytics' ``train`` as they are.
+    Returns its ``best.pt`` (``last.pt`` if there is none) and the number of torch threads of every epoch.
+    ``denoising``: the decoder's denoising queries in training (None: the model's own). ``meter``: sets the
+    threads at every epoch's start (None: Ultralytics' setting). ``settings`` (imgsz, device, workers) go to
+    Ultralytics' ``train`` as they are.
     """
-    import torch
     from ultralytics import RTDETR
 
-    threads = training_threads(settings.get("device", "cpu"), settings.get("workers", 0))
     used: list[int] = []
+    detector = RTDETR(model)
     with contextlib.ExitStack() as borrowed:  # the thread count and the model's denoising queries, given back after
-        borrowed.callback(torch.set_num_threads, torch.get_num_threads())
+        borrowed.enter_context(metered_threads(meter, detector, "on_train_epoch_start", used))
 
         def before_training(trainer) -> None:
-            # After the trainer's select_device (which sets Ultralytics' thread count), before the first batch.
-            if threads is not None:
-                torch.set_num_threads(threads)
-            used.append(torch.get_num_threads())
             if denoising is not None:
                 borrowed.enter_context(denoising_queries(trainer.model, denoising))
 
-        detector = RTDETR(model)
         detector.add_callback("on_train_start", before_training)
         detector.train(
             data=str(data_yaml),
             epochs=epochs,
+            batch=batch,
             optimizer="AdamW",
             lr0=lr0,
+            # Every batch is an optimizer step: Ultralytics' nominal batch of 64 would sum the gradients of 8 batches
+            # of 8 into one step, leaving a short run an eighth of the updates (15 epochs: 113 rather than 900).
+            nbs=batch,
             warmup_epochs=min(1.0, epochs / 10),
             seed=seed,
             project=str(output),
@@ -168,69 +163,20 @@ def train(
         )
     weights = Path(detector.trainer.save_dir) / "weights"
     best = weights / "best.pt"
-    return (best if best.is_file() else weights / "last.pt"), used[0]
+    return (best if best.is_file() else weights / "last.pt"), used
 
 
-def evaluate(weights: Path, data_yaml: Path, output: Path, **settings) -> DetMetrics:
-    """The metrics of ``weights`` on the test split; its plots (PR curves, confusion matrix) go to ``output/test``."""
+def evaluate(weights: Path, data_yaml: Path, output: Path, meter: IdleCores | None = None, **settings) -> DetMetrics:
+    """The metrics of ``weights`` on the test split; its plots (PR curves, confusion matrix) go to ``output/test``.
+
+    ``meter``: sets the torch threads (None: Ultralytics' setting)."""
     from ultralytics import RTDETR
 
-    return RTDETR(str(weights)).val(
-        data=str(data_yaml), split="test", project=str(output), name="test", exist_ok=True, plots=True, **settings
-    )
-
-
-def annotate(result: Results) -> np.ndarray:
-    """``result`` drawn by ``Results.plot`` on its image scaled to ``PICTURE_SIZE``.
-
-    Of boxes overlapping with IoU > ``OVERLAP_IOU`` only the most confident is drawn: RT-DETR does no NMS.
-    """
-    import cv2
-    from torchvision.ops import nms
-    from ultralytics.engine.results import Results
-
-    boxes = result.boxes.cpu()
-    kept = boxes.data[nms(boxes.xyxy, boxes.conf, OVERLAP_IOU)]
-    scale = PICTURE_SIZE / max(result.orig_shape)
-    kept[:, :4] *= scale
-    # Scaling the image before plotting keeps the lines and labels sharp; plotting sizes them to the picture.
-    image = cv2.resize(result.orig_img, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
-    # pil=False (the class names are ASCII): OpenCV's built-in font, so check_font never fetches Arial.ttf.
-    return Results(image, result.path, result.names, boxes=kept).plot(pil=False)
-
-
-def save_predictions(weights: Path, images: Path, predictions_dir: Path, sheet: Path, imgsz: int, device: str) -> int:
-    """Predict on every image in ``images``; save each annotated as ``predictions_dir/<stem>.jpg``.
-
-    The first ``GRID`` pictures also go, as a contact sheet, to ``sheet``. Returns the number of pictures.
-    """
-    import cv2
-    from ultralytics import RTDETR
-
-    predictions_dir.mkdir(parents=True, exist_ok=True)
-    results = RTDETR(str(weights)).predict(
-        source=str(images), imgsz=imgsz, device=device, conf=MIN_CONF, stream=True, verbose=False
-    )
-    pictures = []
-    for result in results:
-        picture = annotate(result)
-        cv2.imwrite(str(predictions_dir / f"{Path(result.path).stem}.jpg"), picture)
-        pictures.append(picture)
-    columns, rows = GRID
-    rows = min(rows, math.ceil(len(pictures) / columns))
-    cv2.imwrite(str(sheet), contact_sheet(pictures, columns, rows), [cv2.IMWRITE_JPEG_QUALITY, 85])
-    return len(pictures)
-
-
-def contact_sheet(pictures: list[np.ndarray], columns: int, rows: int, gap: int = 4) -> np.ndarray:
-    """Up to ``columns * rows`` equal-sized pictures in a grid with white gaps."""
-    h, w = pictures[0].shape[:2]
-    sheet = np.full((rows * h + (rows + 1) * gap, columns * w + (columns + 1) * gap, 3), 255, np.uint8)
-    for i, picture in enumerate(pictures[: columns * rows]):
-        r, c = divmod(i, columns)
-        y, x = gap + r * (h + gap), gap + c * (w + gap)
-        sheet[y : y + h, x : x + w] = picture
-    return sheet
+    detector = RTDETR(str(weights))
+    with metered_threads(meter, detector, "on_val_start"):
+        return detector.val(
+            data=str(data_yaml), split="test", project=str(output), name="test", exist_ok=True, plots=True, **settings
+        )
 
 
 @dataclass
@@ -247,7 +193,7 @@ class DemoResult:
     summary: Path
     map50: float
     map50_95: float
-    threads: int  # torch threads during training
+    threads: list[int]  # torch threads of every training epoch
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -278,8 +224,8 @@ def run_demo(
 
     Everything goes under ``output``: ``dataset/``, ``train/`` (the Ultralytics run: weights, results.csv),
     ``test/`` (evaluation of best.pt on the test split: PR curves, confusion matrix, labelled and predicted
-    batches), ``predictions/`` (one annotated picture per test image: detections with confidence >= 0.5,
-    overlapping ones (IoU > 0.7) reduced to the most confident, as RT-DETR does no NMS), ``predictions.jpg``
+    batches), ``predictions/`` (one annotated picture per test image: detections with confidence >= ``MIN_CONF``,
+    overlapping ones (IoU > ``OVERLAP_IOU``) reduced to the most confident, as RT-DETR does no NMS), ``predictions.jpg``
     (a contact sheet of the first ones) and ``summary.json`` (paths, mAP, timings).
     Runs with ``YOLO_OFFLINE=true``; nothing is downloaded, and the process's environment and loggers are left
     as they were.
@@ -308,18 +254,27 @@ def _run(
     imgsz = settings["imgsz"]
     counts = f"{images['train']}/{images['val']}/{images['test']}"
     LOGGER.info(f"revcol demo: generating {counts} train/val/test images of {imgsz} px ...")
+    meter = thread_meter(settings["device"], settings["workers"])  # its first reading spans the dataset's making
     with _timed(seconds, "dataset"):
         data_yaml = generate_dataset(dataset, images["train"], images["val"], imgsz, seed, n_test=images["test"])
     with offline():
         with _timed(seconds, "train"):
             best, threads = train(
-                model, data_yaml, output, epochs=epochs, lr0=lr0, seed=seed, denoising=denoising, **settings
+                model,
+                data_yaml,
+                output,
+                epochs=epochs,
+                lr0=lr0,
+                seed=seed,
+                denoising=denoising,
+                meter=meter,
+                **settings,
             )
         with _timed(seconds, "test"):
-            metrics = evaluate(best, data_yaml, output, **settings)
+            metrics = evaluate(best, data_yaml, output, meter, **settings)
         with _timed(seconds, "predict"):
             test_images = dataset / "images" / "test"
-            n_pictures = save_predictions(best, test_images, predictions_dir, grid, imgsz, settings["device"])
+            n_pictures = save_predictions(best, test_images, predictions_dir, grid, imgsz, settings["device"], meter)
     seconds["total"] = time.perf_counter() - start
     result = DemoResult(
         output=output,
@@ -346,7 +301,14 @@ def write_summary(result: DemoResult, **settings) -> None:
 
 
 def plural(count: int, noun: str) -> str:
+    """``count`` and ``noun``, with an s unless there is one."""
     return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def thread_counts(threads: list[int]) -> str:
+    """The torch threads of the epochs, as one count or a range: "1 torch thread", "1-2 torch threads"."""
+    low, high = min(threads), max(threads)
+    return plural(low, "torch thread") if low == high else f"{low}-{high} torch threads"
 
 
 def format_summary(result: DemoResult, n_test: int) -> str:
@@ -363,7 +325,7 @@ def format_summary(result: DemoResult, n_test: int) -> str:
     return "\n".join(
         [
             "",
-            f"revcol demo finished in {minutes}m{secs:02d}s (trained with {plural(result.threads, 'torch thread')}, "
+            f"revcol demo finished in {minutes}m{secs:02d}s (trained with {thread_counts(result.threads)}, "
             f"{plural(available_cores(), 'CPU core')} available)",
             f"  dataset       {show(result.data_yaml)}",
             f"  training run  {show(result.train_dir)}  (results.csv, weights/best.pt, weights/last.pt)",

@@ -1,13 +1,16 @@
 """The synthetic shapes dataset of the offline demo (``generate_dataset``).
 
 Square RGB images (``imgsz`` x ``imgsz`` PNG) with one to ``MAX_SHAPES`` filled shapes each, on a
-noisy background. Three classes, told apart by shape only (colours are random for every shape):
+noisy background. Three classes, told apart by shape only: a shape's colour, size and place are drawn
+from the same distributions whatever its class (``tests/test_demo.py`` checks that colours and box
+widths do not tell the classes apart):
 
     0  circle    a filled disc
     1  square    an axis-aligned filled square
     2  triangle  an upright filled isosceles triangle (apex at the top)
 
-A shape's side (or diameter) is 20-40 % of the image side. Every shape is painted in one flat,
+A shape's side (or diameter) is 20-40 % of the image side, and so is its box's width and height
+(a circle's pixels are those whose centres lie in the disc). Every shape is painted in one flat,
 bright, saturated colour (HSV value >= 200); the background is a dull random colour (channels 30-110)
 plus Gaussian noise (sigma 14), so the shapes stand out. Shapes never overlap (a gap of ``GAP``
 pixels is kept between their boxes), so each label box is exactly the box of the pixels painted for
@@ -33,7 +36,7 @@ import numpy as np
 CLASSES = ("circle", "square", "triangle")
 
 
-MAX_SHAPES = 3
+MAX_SHAPES = 5  # shapes tried per image (fewer where no free place is left); more objects teach more per step
 
 
 MIN_SIZE = 0.2  # shape size, as a fraction of the image side
@@ -54,8 +57,10 @@ def _draw_mask(kind: int, x0: int, y0: int, size: int, imgsz: int) -> np.ndarray
     mask = np.zeros((imgsz, imgsz), np.uint8)
     x1, y1 = x0 + size - 1, y0 + size - 1
     if CLASSES[kind] == "circle":
-        radius = (size - 1) / 2
-        cv2.circle(mask, (round(x0 + radius), round(y0 + radius)), round(radius), 1, thickness=-1)
+        # The pixels whose centres lie in the disc of diameter `size` centred on the box: its box is `size` wide, as
+        # a square's and a triangle's are (cv2.circle's whole-pixel radius would make every circle's width odd).
+        ys, xs = np.ogrid[:imgsz, :imgsz]
+        mask[(xs - (x0 + x1) / 2) ** 2 + (ys - (y0 + y1) / 2) ** 2 <= (size / 2) ** 2] = 1
     elif CLASSES[kind] == "square":
         mask[y0 : y1 + 1, x0 : x1 + 1] = 1
     else:  # triangle
