@@ -50,6 +50,12 @@ def test_a_command_without_model_names_model_and_a_shipped_config_and_fetches_no
         (["download"], "revcol download: the following arguments are required: variant"),
         (["info", "--imgsz", "33"], "revcol info: --imgsz must be a positive multiple of 32, got 33"),
         (["predict", "source=image.jpg"], "revcol predict: no model= given"),
+        (
+            ["train", "model=mine.yaml", "epochs=3"],
+            "revcol train: no data= given: name a dataset YAML, e.g. "
+            "`revcol train model=mine.yaml data=path/to/data.yaml`",
+        ),
+        (["train", "model=best.pt"], "revcol train: no data= given"),
         (["train", "model=rtdetr-revcol-cpu.yaml", "epochz=3"], "revcol train: 'epochz' is not a valid YOLO argument"),
     ],
 )

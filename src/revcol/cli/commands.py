@@ -34,7 +34,7 @@ from revcol.cli.info import (
     variant_table,
     weights_table,
 )
-from revcol.cli.problems import check_names_a_model, explain
+from revcol.cli.problems import check_names_a_model, check_names_data, explain
 
 OUR_COMMANDS = ("demo", "info", "download", "help", "version")
 
@@ -165,6 +165,7 @@ def _ultralytics(args: list[str]) -> int:
     from revcol.ultralytics import hooks
 
     check_names_a_model(args)
+    check_names_data(args)
     # Ultralytics reads the command line from module globals (copies of sys.argv) and recognises its CLI by the
     # program name, e.g. `yolo predict` saves annotated results by default: the `cli` group of revcol.hooks.HOOKS
     # makes this, seen from there, `yolo` with our arguments.

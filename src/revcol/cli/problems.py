@@ -82,6 +82,29 @@ def check_names_a_model(args: Sequence[str]) -> None:
     )
 
 
+def check_names_data(args: Sequence[str]) -> None:
+    """Raise a usage error when Ultralytics' command line ``args`` trains without ``data=`` (nor ``resume``, nor a
+    ``cfg=`` file that may name it): Ultralytics' command would fall back to downloading its sample ``coco8.yaml``,
+    even for a checkpoint that knows its own dataset."""
+    from ultralytics.cfg import DEFAULT_CFG_DICT, merge_equals_args
+
+    words = [word.removeprefix("--") for word in merge_equals_args(list(args))]
+    keys = {word.partition("=")[0] for word in words if "=" in word}
+    # `resume` alone is a bare word too; a misspelt key: Ultralytics names it first
+    if (
+        "train" not in words
+        or keys & {"data", "resume", "cfg"}
+        or "resume" in words
+        or not keys <= DEFAULT_CFG_DICT.keys()
+    ):
+        return
+    model = argument(args, "model") or EXAMPLE_CONFIG
+    raise SyntaxError(
+        f"revcol train: no data= given: name a dataset YAML, e.g. `revcol train model={model} "
+        f"{MODE_EXAMPLES['train']}` (Ultralytics' format: https://docs.ultralytics.com/datasets/detect/)"
+    )
+
+
 def model_file_problem(args: Sequence[str]) -> RevColError | None:
     """What is wrong with the file ``model=`` names, if it exists and is a model YAML that is not one, or a checkpoint
     that cannot be read; None when it looks right (or is not there: Ultralytics says so)."""
