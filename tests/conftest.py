@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import collections
 import io
+import os
+import shutil
+import sys
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,6 +17,13 @@ import pytest
 import torch
 from helpers.models import make_net
 from helpers.server import TEST_ENTRY, WeightsServer
+
+# The suite neither reads nor writes the user's Ultralytics settings (settings.json, the fonts beside it, the folders
+# it names): each test process gets a folder of its own, which Ultralytics reads at its first import, after this.
+assert "ultralytics" not in sys.modules, "imported before tests/conftest.py could give it its own settings folder"
+_ULTRALYTICS_CONFIG = tempfile.mkdtemp(prefix="revcol-tests-ultralytics-")
+os.environ["YOLO_CONFIG_DIR"] = _ULTRALYTICS_CONFIG
+atexit.register(shutil.rmtree, _ULTRALYTICS_CONFIG, ignore_errors=True)
 
 # Each xdist worker (and a plain run) computes with one intra-op thread: the tests' tensors are tiny, and on a
 # 2-core machine two workers with a thread pool each would fight over the cores, their pools spending more time
