@@ -63,17 +63,24 @@ def argument(args: Sequence[str], key: str) -> str | None:
     return values[-1] if values else None
 
 
+def _words(args: Sequence[str]) -> tuple[list[str], set[str] | None]:
+    """The bare words of Ultralytics' command line ``args`` and its keys (``--key=value`` read as ``key=value``); the
+    keys are None when one is not Ultralytics': it names that one first, before any missing argument."""
+    from ultralytics.cfg import DEFAULT_CFG_DICT, merge_equals_args
+
+    words = [word.removeprefix("--") for word in merge_equals_args(list(args))]
+    keys = {word.partition("=")[0] for word in words if "=" in word}
+    return [word for word in words if "=" not in word], keys if keys <= DEFAULT_CFG_DICT.keys() else None
+
+
 def check_names_a_model(args: Sequence[str]) -> None:
     """Raise a usage error when Ultralytics' command line ``args`` runs a model but names none (``model=``, or a
     ``cfg=`` file that may): Ultralytics would fall back to downloading ``yolo26n.pt``."""
-    from ultralytics.cfg import DEFAULT_CFG_DICT, MODES, TASKS, merge_equals_args
+    from ultralytics.cfg import MODES, TASKS
 
-    words = [word.removeprefix("--") for word in merge_equals_args(list(args))]
-    bare = [word for word in words if "=" not in word]
-    keys = {word.partition("=")[0] for word in words if "=" in word}
-    if bare and not any(word in MODES or word in TASKS for word in bare):  # `settings`, `checks`, ...: no model
-        return
-    if keys & {"model", "cfg"} or not keys <= DEFAULT_CFG_DICT.keys():  # a misspelt key: Ultralytics names it first
+    bare, keys = _words(args)
+    runs_a_model = not bare or any(word in MODES or word in TASKS for word in bare)  # `settings`, `checks`: none
+    if keys is None or not runs_a_model or keys & {"model", "cfg"}:
         return
     mode = next((word for word in bare if word in MODES), "predict")  # Ultralytics' mode when none is given
     raise SyntaxError(
@@ -86,17 +93,8 @@ def check_names_data(args: Sequence[str]) -> None:
     """Raise a usage error when Ultralytics' command line ``args`` trains without ``data=`` (nor ``resume``, nor a
     ``cfg=`` file that may name it): Ultralytics' command would fall back to downloading its sample ``coco8.yaml``,
     even for a checkpoint that knows its own dataset."""
-    from ultralytics.cfg import DEFAULT_CFG_DICT, merge_equals_args
-
-    words = [word.removeprefix("--") for word in merge_equals_args(list(args))]
-    keys = {word.partition("=")[0] for word in words if "=" in word}
-    # `resume` alone is a bare word too; a misspelt key: Ultralytics names it first
-    if (
-        "train" not in words
-        or keys & {"data", "resume", "cfg"}
-        or "resume" in words
-        or not keys <= DEFAULT_CFG_DICT.keys()
-    ):
+    bare, keys = _words(args)
+    if keys is None or "train" not in bare or "resume" in bare or keys & {"data", "resume", "cfg"}:  # resume: bare too
         return
     model = argument(args, "model") or EXAMPLE_CONFIG
     raise SyntaxError(

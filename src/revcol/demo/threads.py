@@ -82,7 +82,7 @@ class IdleCores:
         load_average: Callable[[], tuple[float, float, float]] | None = LOAD_AVERAGE,
     ) -> None:
         self.cpus = allowed_cpus() if cpus is None else cpus
-        self.cores = len(self.cpus) if self.cpus is not None else os.cpu_count() or 1
+        self.cores = len(self.cpus) if self.cpus is not None else available_cores()
         self._read_stat, self._own_time, self._clock, self._load_average = read_stat, own_time, clock, load_average
         self._last = self._sample()
         self._threads = self.cores
