@@ -44,6 +44,11 @@ def waiting() -> list[str]:
         return sorted(_waiting)
 
 
+def _is_ours(name: str) -> bool:
+    """Whether ``name`` is a module of our package (the finder is installed while its root runs)."""
+    return name.startswith(OURS + ".")
+
+
 def _run_due() -> None:
     """Run the callbacks that are due, unless a module body of ours is running in this thread."""
     while getattr(_running, "depth", 0) == 0:
@@ -72,9 +77,8 @@ class _Reporting(importlib.abc.Loader):
         module.__loader__ = self.loader  # the module keeps the loader that made it
         if module.__spec__ is not None:
             module.__spec__.loader = self.loader
-        ours = self.name == OURS or self.name.startswith(OURS + ".")
         depth = getattr(_running, "depth", 0)
-        _running.depth = depth + ours
+        _running.depth = depth + _is_ours(self.name)
         try:
             self.loader.exec_module(module)
         finally:
@@ -91,7 +95,7 @@ class _Finder(importlib.abc.MetaPathFinder):
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
     ) -> importlib.machinery.ModuleSpec | None:
-        if not (fullname in _waiting or fullname.startswith(OURS + ".")):
+        if not (fullname in _waiting or _is_ours(fullname)):
             return None
         for finder in sys.meta_path:
             find = getattr(finder, "find_spec", None)
